@@ -1,0 +1,151 @@
+"""Engine configuration.
+
+Contract: `EngineConfig` holds every knob of `moelite.load`; `validate()` raises ValueError naming the field, the
+value and what is allowed. The CLI derives its flags from these fields. Budgets are parsed here
+(`parse_budget`) and resolved against a checkpoint in `resolve_budget`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
+EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4, "tb": 1000**4,
+}
+
+
+def parse_budget(value: str | int | float) -> tuple[str, float]:
+    """Parse an expert budget: `"25%"` -> ("fraction", 0.25); `2_000_000` or `"2GiB"` -> ("bytes", n).
+
+    >>> parse_budget("25%")
+    ('fraction', 0.25)
+    >>> parse_budget("1.5GiB")
+    ('bytes', 1610612736.0)
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expert_budget: got {value!r}; use a percentage such as '25%', bytes as an int, or '2GiB'")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"expert_budget: {value!r} bytes is not a positive number of bytes")
+        return "bytes", float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expert_budget: got a {type(value).__name__}; use '25%', an int of bytes, or '2GiB'")
+    text = value.strip().lower().replace("_", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", text)
+    if m:
+        pct = float(m.group(1))
+        if not 0 < pct <= 100:
+            raise ValueError(f"expert_budget: {value!r} is outside (0%, 100%]")
+        return "fraction", pct / 100.0
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", text)
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(
+            f"expert_budget: cannot parse {value!r}; use a percentage ('25%'), bytes ('1073741824') "
+            f"or a size with a unit ({', '.join(u for u in _UNITS if u)})"
+        )
+    nbytes = float(m.group(1)) * _UNITS[m.group(2)]
+    if nbytes <= 0:
+        raise ValueError(f"expert_budget: {value!r} is not a positive size")
+    return "bytes", nbytes
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a device; use 'cpu' or 'cuda' / 'cuda:N'") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device: {device!r} is not supported; use 'cpu' or 'cuda' / 'cuda:N'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but no CUDA GPU is available here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+@dataclass
+class EngineConfig:
+    """Everything `moelite.load` accepts besides the model path."""
+
+    device: str = "cpu"
+    expert_budget: str | int | float = "25%"
+    cache_policy: str = "lru"
+    # dtype of expert slots; "auto" = float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512), checkpoint dtype on CUDA
+    expert_dtype: str = "auto"
+    # one pool shared by all layers ("global") or an equal share per MoE layer ("layer")
+    cache_scope: str = "global"
+    # fill the cache in layer order at load (SMoE) or start empty
+    warm_start: bool = False
+    # drop file pages after each expert read so the OS page cache is no hidden second cache
+    drop_page_cache: bool = True
+    # refuse .bin/.pt pickle weights unless this is set (they are converted to safetensors once, then read)
+    allow_pickle: bool = False
+    # score-window length (decode iterations) for cache_policy="score"
+    score_window: int = 8
+    # read experts for the next layer in the background, predicted through that layer's gate
+    prefetch: bool = False
+    # SMoE substitution threshold; 0 = exact model
+    substitution_alpha: float = 0.0
+    # whether substitution also applies in prefill (the paper: decode only)
+    substitute_in_prefill: bool = False
+    num_threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> "EngineConfig":
+        parse_device(self.device)
+        parse_budget(self.expert_budget)
+        if self.cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy: {self.cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"expert_dtype: {self.expert_dtype!r} is not one of {', '.join(EXPERT_DTYPES)}")
+        if self.cache_scope not in ("global", "layer"):
+            raise ValueError(f"cache_scope: {self.cache_scope!r} is not one of global, layer")
+        if not isinstance(self.score_window, int) or self.score_window < 1:
+            raise ValueError(f"score_window: {self.score_window!r} must be an int >= 1")
+        check_alpha(self.substitution_alpha)
+        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+            raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
+        return self
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+def check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha < 1:
+        raise ValueError(f"substitution_alpha: {alpha!r} must be a number in [0, 1)")
+    return float(alpha)
+
+
+def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if config.expert_dtype != "auto":
+        return getattr(torch, config.expert_dtype)
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype
+
+
+def resolve_budget(value, total_expert_bytes: int, slot_bytes: int) -> tuple[int, int]:
+    """Return (number of slots, budget bytes). A fraction is of the total routed-expert bytes."""
+    kind, amount = parse_budget(value)
+    nbytes = amount * total_expert_bytes if kind == "fraction" else amount
+    slots = int(nbytes // slot_bytes)
+    return slots, int(nbytes)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"

@@ -1,0 +1,311 @@
+"""The engine: the Python API that the CLI and the server wrap.
+
+Contract:
+  - `moelite.load(path=None, device="cpu", expert_budget="25%", **config)` -> `Engine`; `path=None` is the
+    embedded demo model. The budget is the total size of the routed-expert slots; it is fixed at load and never
+    exceeded. A budget below one layer's top-k experts (or, on CUDA, that does not fit the free GPU memory beside
+    the dense weights) is refused with the numbers.
+  - `engine.logits(input_ids[B, T])` -> float32 logits [B, T, vocab] (full forward, no KV cache).
+  - `engine.generate(prompt, max_tokens, temperature, top_p, top_k, stop, seed)` -> `Generation` (text, token ids,
+    finish reason, per-request stats); `engine.stream(...)` yields text pieces as they decode.
+  - `engine.stats()` -> dict of totals since load.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, DynamicCache
+
+from .arch import adapter_for
+from .checkpoint import Checkpoint, CheckpointError
+from .config import EngineConfig, format_bytes, parse_device, resolve_budget, slot_dtype
+from .expert_cache import ExpertCache, make_policy
+from .expert_store import ExpertLayout, ExpertReader, SlotPool
+from .model import build_model
+from .moe_layer import ExpertManager
+from .sampling import SamplingParams, sample
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" | "length" | "eos"
+    stats: dict = field(default_factory=dict)
+
+
+def _counters(engine: "Engine") -> dict:
+    c = engine.manager.cache
+    return {"expert_hits": c.hits, "expert_misses": c.misses, "expert_bytes_read": engine.reader.bytes_read,
+            "io_seconds": engine.reader.io_seconds, "stall_seconds": engine.manager.stall_seconds}
+
+
+class Engine:
+    def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None, progress: bool = True):
+        self.config = (config or EngineConfig()).validate()
+        if path is None:
+            from .demo import demo_model_path
+
+            path = demo_model_path()
+        self.path = Path(path)
+        self.device = parse_device(self.config.device)
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        self.checkpoint = ckpt = Checkpoint.open(self.path, allow_pickle=self.config.allow_pickle)
+        self.adapter = adapter = adapter_for(ckpt.model_type)
+        try:
+            self.hf_config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
+        except (ValueError, OSError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"config.json in {self.path.name!r} is not a valid {ckpt.model_type} config: {exc}") from exc
+        self.num_experts = adapter.num_experts(self.hf_config)
+        self.top_k = adapter.top_k(self.hf_config)
+        self.layout = layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
+
+        self.dtype = torch.float32 if self.device.type == "cpu" or not layout.disk_dtype.is_floating_point \
+            else layout.disk_dtype
+        sdtype = slot_dtype(self.config, self.device, layout.disk_dtype)
+        slot_bytes = layout.numel * sdtype.itemsize
+        total = slot_bytes * len(layout.experts)
+        n_slots, budget = resolve_budget(self.config.expert_budget, total, slot_bytes)
+        n_slots = min(n_slots, len(layout.experts))
+        n_layers = len(layout.layers)
+        need = self.top_k * (n_layers if self.config.cache_scope == "layer" else 1)
+        if n_slots < need:
+            scope = f" x {n_layers} layers (cache_scope='layer')" if self.config.cache_scope == "layer" else ""
+            raise ValueError(
+                f"expert_budget: {self.config.expert_budget!r} = {format_bytes(budget)} holds {n_slots} expert slots "
+                f"of {format_bytes(slot_bytes)}, but one layer's top-k needs {self.top_k}{scope} = {need} slots "
+                f"({format_bytes(need * slot_bytes)}); raise the budget to at least that "
+                f"(all routed experts: {format_bytes(total)})")
+        self.budget_bytes = budget
+        experts = layout.expert_tensor_names()
+        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * self.dtype.itemsize
+                               for n, t in ckpt.tensors.items() if n not in experts)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if self.dense_bytes + n_slots * slot_bytes > free:
+                raise ValueError(
+                    f"expert_budget: dense weights ({format_bytes(self.dense_bytes)}) + {n_slots} expert slots "
+                    f"({format_bytes(n_slots * slot_bytes)}) exceed free GPU memory ({format_bytes(free)}); "
+                    "lower the budget")
+
+        self.pool = SlotPool(layout, n_slots, sdtype, self.device)
+        self.reader = ExpertReader(layout, self.pool, drop_page_cache=self.config.drop_page_cache)
+        policy = make_policy(self.config.cache_policy, self.config.score_window)
+        cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)
+        self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None)
+        self.model = build_model(ckpt, adapter, self.hf_config, layout, self.reader, self.manager, self.device,
+                                 self.dtype, self.top_k, progress=progress)
+        if self.config.warm_start:
+            self.warm_up()
+        self.tokenizer = self._load_tokenizer()
+        self.max_context = int(getattr(self.hf_config, "max_position_embeddings", 2048))
+        self.eos_ids = self._eos_ids()
+        self._lock = threading.RLock()
+        self.requests = 0
+
+    # ---- set-up helpers ------------------------------------------------------------------------------------
+    def _load_tokenizer(self):
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        if not any((self.path / f).is_file() for f in files):
+            return None
+        return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        gen = self.path / "generation_config.json"
+        sources = [getattr(self.hf_config, "eos_token_id", None)]
+        if gen.is_file():
+            import json
+
+            try:
+                sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+            except ValueError:
+                pass
+        if self.tokenizer is not None:
+            sources.append(self.tokenizer.eos_token_id)
+        for s in sources:
+            if isinstance(s, int):
+                ids.add(s)
+            elif isinstance(s, list):
+                ids.update(i for i in s if isinstance(i, int))
+        return ids
+
+    def warm_up(self) -> None:
+        """Fill free slots with experts in layer order (SMoE's warm start)."""
+        cache = self.manager.cache
+        for layer in self.layout.layers:
+            for e in range(self.num_experts):
+                if not cache.free[layer]:
+                    break
+                if not cache.resident((layer, e)):
+                    slot = cache.acquire((layer, e))
+                    self.reader.read_into((layer, e), slot)
+                    cache.commit((layer, e), slot, count_miss=False)
+
+    # ---- forward -------------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            try:
+                input_ids = torch.tensor(input_ids, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise ValueError(f"input_ids: must be a LongTensor [B, T] of token ids ({exc})") from exc
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids: expected an integer tensor [B, T] with T >= 1, got "
+                             f"{input_ids.dtype} {list(input_ids.shape)}")
+        vocab = self.hf_config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids: token ids must be in [0, {vocab}); got {int(input_ids.min())}.."
+                             f"{int(input_ids.max())}")
+        if input_ids.shape[1] > self.max_context:
+            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens exceed the context of {self.max_context}")
+        return input_ids.long().to(self.device)
+
+    @torch.inference_mode()
+    def logits(self, input_ids) -> torch.Tensor:
+        ids = self._check_ids(input_ids)
+        with self._lock:
+            out = self.model(input_ids=ids, use_cache=False).logits
+        return out.float().cpu()
+
+    # ---- generation ----------------------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(f"prompt: the model folder {self.path.name!r} has no tokenizer; pass token ids")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: empty; give at least one token of text")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return " ".join(map(str, ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _params(self, max_tokens, temperature, top_p, top_k, stop, seed) -> SamplingParams:
+        return SamplingParams(max_tokens, temperature, top_p, top_k, tuple([stop] if isinstance(stop, str) else stop or ()),
+                              seed).validate()
+
+    @torch.inference_mode()
+    def _tokens(self, prompt_ids: list[int], params: SamplingParams, stats: dict) -> Iterator[int]:
+        """Yield generated token ids one by one (KV-cached decode)."""
+        if len(prompt_ids) + params.max_tokens > self.max_context:
+            raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                             f"exceeds the model context of {self.max_context}")
+        vocab = self.hf_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        cache = DynamicCache(config=self.hf_config)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        t0 = time.perf_counter()
+        for step in range(params.max_tokens):
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = sample(out.logits[0, -1].float().cpu(), params, gen)
+            if step == 0:
+                stats["ttft_s"] = time.perf_counter() - t0
+                t_dec = time.perf_counter()
+            stats["completion_tokens"] = step + 1
+            stats["decode_s"] = time.perf_counter() - t_dec
+            yield tok
+            ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+
+    def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+               top_k: int = 0, stop=(), seed: int | None = None, _result: dict | None = None) -> Iterator[str]:
+        """Yield text pieces as they decode; `_result` (if given) receives the final `Generation`."""
+        params = self._params(max_tokens, temperature, top_p, top_k, stop, seed)
+        prompt_ids = self.encode(prompt)
+        with self._lock:
+            before = _counters(self)
+            stats: dict = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
+            out_ids: list[int] = []
+            emitted = ""
+            finish = "length"
+            text = ""
+            for tok in self._tokens(prompt_ids, params, stats):
+                if tok in self.eos_ids:
+                    finish = "eos"
+                    break
+                out_ids.append(tok)
+                text = self.decode(out_ids)
+                hit = [text.find(s) for s in params.stop if s in text]
+                if hit:
+                    text = text[: min(hit)]
+                    finish = "stop"
+                if text.endswith("\ufffd") and finish != "stop":
+                    continue  # incomplete UTF-8 sequence: wait for the next token
+                if len(text) > len(emitted) and text.startswith(emitted):
+                    piece, emitted = text[len(emitted):], text
+                    yield piece
+                if finish == "stop":
+                    break
+            text = text if finish == "stop" else self.decode(out_ids)
+            if len(text) > len(emitted) and text.startswith(emitted):
+                yield text[len(emitted):]
+            self.requests += 1
+            after = _counters(self)
+            stats.update({k: after[k] - before[k] for k in after})
+            n_exp = stats["expert_hits"] + stats["expert_misses"]
+            stats["expert_hit_rate"] = stats["expert_hits"] / n_exp if n_exp else 0.0
+            dec = stats.get("decode_s", 0.0)
+            stats["decode_tok_s"] = (stats["completion_tokens"] - 1) / dec if dec > 0 else 0.0
+            if _result is not None:
+                _result["generation"] = Generation(text, out_ids, len(prompt_ids), finish, stats)
+
+    def generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
+                 top_k: int = 0, stop=(), seed: int | None = None) -> Generation:
+        box: dict = {}
+        for _ in self.stream(prompt, max_tokens, temperature, top_p, top_k, stop, seed, _result=box):
+            pass
+        return box["generation"]
+
+    # ---- stats ---------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        c, m, r = self.manager.cache, self.manager, self.reader
+        n = c.hits + c.misses
+        return {
+            "model": self.path.name,
+            "model_type": self.checkpoint.model_type,
+            "device": str(self.device),
+            "cache_policy": self.config.cache_policy,
+            "expert_budget_bytes": self.budget_bytes,
+            "expert_slots": self.pool.n_slots,
+            "expert_slot_bytes": self.pool.slot_bytes,
+            "routed_expert_bytes": self.pool.slot_bytes * len(self.layout.experts),
+            "resident_expert_bytes": c.resident_bytes,
+            "resident_expert_bytes_peak": c.resident_peak,
+            "expert_hits": c.hits,
+            "expert_misses": c.misses,
+            "expert_hit_rate": c.hits / n if n else 0.0,
+            "expert_evictions": c.evictions,
+            "expert_bytes_read": r.bytes_read,
+            "io_seconds": r.io_seconds,
+            "stall_seconds": m.stall_seconds,
+            "expert_compute_seconds": m.compute_seconds,
+            "requests": self.requests,
+            "per_layer": {layer: vars(s).copy() for layer, s in sorted(m.layer_stats.items())},
+        }
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+def load(path: str | Path | None = None, device: str = "cpu", expert_budget: str | int | float = "25%",
+         progress: bool = False, **config) -> Engine:
+    """Load a Hugging Face MoE checkpoint folder with routed experts offloaded under `expert_budget`."""
+    unknown = set(config) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; allowed: {sorted(EngineConfig.__dataclass_fields__)}")
+    return Engine(path, EngineConfig(device=device, expert_budget=expert_budget, **config), progress=progress)

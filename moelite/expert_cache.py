@@ -1,0 +1,209 @@
+"""Expert cache over the slot pool: which expert sits in which slot, and who is evicted.
+
+Contract:
+  - `ExpertCache.lookup(key)` returns the slot of a resident expert (counting an exact hit) or None.
+  - `ExpertCache.acquire(key)` returns a slot for a new expert, free or taken from the policy's victim among
+    unpinned slots of the key's partition (one global partition, or one per MoE layer). The previous owner is
+    evicted. `pin`/`unpin` is the protection shield: a pinned expert is never evicted.
+  - Policies see accesses and score observations; every policy changes speed only, never output.
+  - Capacity is fixed at construction, so resident expert bytes can never exceed the budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+import torch
+
+Key = tuple[int, int]
+
+
+class Policy:
+    name = "base"
+
+    def on_access(self, key: Key) -> None: ...
+    def on_insert(self, key: Key) -> None: self.on_access(key)
+    def on_evict(self, key: Key) -> None: ...
+    def observe_scores(self, layer: int, scores: torch.Tensor) -> None: ...
+    def victim(self, candidates: list[Key]) -> Key:
+        raise NotImplementedError
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def __init__(self):
+        self.order: OrderedDict[Key, None] = OrderedDict()
+
+    def on_access(self, key):
+        self.order[key] = None
+        self.order.move_to_end(key)
+
+    def on_evict(self, key):
+        self.order.pop(key, None)
+
+    def victim(self, candidates):
+        cset = set(candidates)
+        for key in self.order:  # oldest first
+            if key in cset:
+                return key
+        return candidates[0]
+
+
+class FIFOPolicy(LRUPolicy):
+    name = "fifo"
+
+    def on_access(self, key):
+        self.order.setdefault(key, None)
+
+
+class LFUPolicy(Policy):
+    """Least frequently used; frequency counts survive eviction (so a popular expert returns quickly)."""
+
+    name = "lfu"
+
+    def __init__(self):
+        self.count: dict[Key, int] = {}
+        self.clock = 0
+        self.last: dict[Key, int] = {}
+
+    def on_access(self, key):
+        self.clock += 1
+        self.count[key] = self.count.get(key, 0) + 1
+        self.last[key] = self.clock
+
+    def victim(self, candidates):
+        return min(candidates, key=lambda k: (self.count.get(k, 0), self.last.get(k, 0)))
+
+
+class ScorePolicy(Policy):
+    """SMoE Eq. 3: evict the resident expert with the lowest mean gate score over the last n decode iterations.
+
+    Scores of all experts (active or not) are observed per layer; a layer's window keeps its last `window`
+    per-iteration score vectors (the mean over the batch's tokens)."""
+
+    name = "score"
+
+    def __init__(self, window: int = 8):
+        self.window = window
+        self.hist: dict[int, deque] = {}
+        self.mean: dict[int, torch.Tensor] = {}
+        self.lru = LRUPolicy()  # tie-break and cold start
+
+    def on_access(self, key):
+        self.lru.on_access(key)
+
+    def on_evict(self, key):
+        self.lru.on_evict(key)
+
+    def observe_scores(self, layer, scores):
+        h = self.hist.setdefault(layer, deque(maxlen=self.window))
+        h.append(scores.detach().float().cpu())
+        self.mean[layer] = torch.stack(list(h)).mean(0)
+
+    def victim(self, candidates):
+        rank = {k: i for i, k in enumerate(self.lru.order)}
+
+        def score(k):
+            m = self.mean.get(k[0])
+            return (float(m[k[1]]) if m is not None else -1.0, rank.get(k, -1))
+
+        return min(candidates, key=score)
+
+
+def make_policy(name: str, score_window: int = 8) -> Policy:
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "fifo":
+        return FIFOPolicy()
+    if name == "score":
+        return ScorePolicy(score_window)
+    raise ValueError(f"cache_policy: {name!r} is not one of lru, lfu, score, fifo")
+
+
+class ExpertCache:
+    def __init__(self, n_slots: int, slot_bytes: int, policy: Policy, layers: list[int], scope: str = "global"):
+        self.n_slots, self.slot_bytes, self.policy = n_slots, slot_bytes, policy
+        self.owner: list[Key | None] = [None] * n_slots
+        self.slot_of: dict[Key, int] = {}
+        self.pins: dict[int, int] = {}
+        if scope == "layer":
+            per = n_slots // len(layers)
+            self.partition = {layer: range(i * per, (i + 1) * per) for i, layer in enumerate(layers)}
+        else:
+            self.partition = {layer: range(n_slots) for layer in layers}
+        self.free = {layer: list(reversed(r)) for layer, r in self.partition.items()}
+        if scope == "global":  # one shared free list
+            shared = list(reversed(range(n_slots)))
+            self.free = {layer: shared for layer in layers}
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.resident_peak = 0
+
+    # ---- queries ---------------------------------------------------------------------------------------------
+    def resident(self, key: Key) -> bool:
+        return key in self.slot_of
+
+    def resident_experts(self, layer: int) -> list[int]:
+        return [e for (l_, e) in self.slot_of if l_ == layer]
+
+    @property
+    def resident_bytes(self) -> int:
+        return len(self.slot_of) * self.slot_bytes
+
+    def lookup(self, key: Key, count: bool = True) -> int | None:
+        slot = self.slot_of.get(key)
+        if slot is not None:
+            if count:
+                self.hits += 1
+            self.policy.on_access(key)
+        return slot
+
+    # ---- shield ----------------------------------------------------------------------------------------------
+    def pin(self, slot: int) -> None:
+        self.pins[slot] = self.pins.get(slot, 0) + 1
+
+    def unpin(self, slot: int) -> None:
+        n = self.pins.get(slot, 0) - 1
+        if n <= 0:
+            self.pins.pop(slot, None)
+        else:
+            self.pins[slot] = n
+
+    # ---- insertion -------------------------------------------------------------------------------------------
+    def acquire(self, key: Key) -> int:
+        """A slot for `key` (not resident); evicts the policy's victim if the partition is full."""
+        layer = key[0]
+        free = self.free[layer]
+        if free:
+            slot = free.pop()
+        else:
+            candidates = [self.owner[s] for s in self.partition[layer]
+                          if self.owner[s] is not None and s not in self.pins]
+            if not candidates:
+                raise RuntimeError("expert cache: every slot is pinned by the current layer; the budget is below "
+                                   "what one layer needs at once")
+            victim = self.policy.victim(candidates)
+            slot = self.slot_of.pop(victim)
+            self.policy.on_evict(victim)
+            self.evictions += 1
+        self.owner[slot] = key
+        return slot
+
+    def commit(self, key: Key, slot: int, count_miss: bool = True) -> None:
+        """Record `key` as resident in `slot` once its bytes are (or are being) loaded."""
+        self.slot_of[key] = slot
+        if count_miss:
+            self.misses += 1
+        self.policy.on_insert(key)
+        self.resident_peak = max(self.resident_peak, self.resident_bytes)
+
+    def release(self, slot: int) -> None:
+        """Give back a slot acquired but not committed (a cancelled load)."""
+        key = self.owner[slot]
+        if key is not None and self.slot_of.get(key) != slot:
+            self.owner[slot] = None
+            self.free[key[0]].append(slot)

@@ -1,0 +1,239 @@
+"""Where routed experts live on disk, and the fixed pool of slots they are read into.
+
+Contract:
+  - `ExpertLayout.build(checkpoint, adapter, config)` finds every routed expert's gate/up/down tensors (per-expert
+    keys, or rows of fused 3D tensors) and checks their shapes agree.
+  - `SlotPool` is one preallocated byte buffer of `n_slots` expert slots on the compute device. A slot holds
+    [gate (I*H) | up (I*H) | down (H*I)] in the slot dtype; `gate_up(s)` is a [2I, H] view, `down(s)` a [H, I] view.
+    Nothing is allocated per fetch.
+  - `ExpertReader.read_into(key, slot)` fills a slot with positional reads (os.preadv) from the shard files,
+    straight into the slot when dtypes agree, otherwise through a preallocated staging buffer; on CUDA through
+    pinned staging memory and a separate copy stream. With `drop_page_cache` the file pages just read are dropped
+    (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint, CheckpointError, TensorInfo
+
+Key = tuple[int, int]  # (layer index, expert index)
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    gate: TensorInfo  # [I, H]
+    up: TensorInfo  # [I, H]
+    down: TensorInfo  # [H, I]
+
+    @property
+    def parts(self) -> tuple[TensorInfo, TensorInfo, TensorInfo]:
+        return (self.gate, self.up, self.down)
+
+
+@dataclass
+class ExpertLayout:
+    experts: dict[Key, ExpertTensors]
+    layers: list[int]  # MoE layer indices, ascending
+    num_experts: int
+    hidden: int
+    intermediate: int
+    disk_dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return 3 * self.hidden * self.intermediate
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.numel * self.disk_dtype.itemsize
+
+    @property
+    def total_disk_bytes(self) -> int:
+        return self.disk_bytes * len(self.experts)
+
+    def expert_tensor_names(self) -> set[str]:
+        return {p.name.split("[")[0] for t in self.experts.values() for p in t.parts}
+
+    @classmethod
+    def build(cls, ckpt: Checkpoint, adapter, n_experts: int) -> "ExpertLayout":
+        found: dict[Key, dict[str, TensorInfo]] = {}
+        for name, info in ckpt.tensors.items():
+            m = adapter.expert_key.match(name)
+            if m:
+                layer, expert, proj = int(m.group(1)), int(m.group(2)), adapter.proj_names[m.group(3)]
+                found.setdefault((layer, expert), {})[proj] = info
+                continue
+            m = adapter.fused_key.match(name)
+            if m:  # fused [E, 2I, H] gate_up / [E, H, I] down: expert e is a contiguous run of rows
+                layer, kind = int(m.group(1)), m.group(2)
+                for e in range(info.shape[0]):
+                    sl = info.slice_rows(e, 1)
+                    if kind == "down_proj":
+                        found.setdefault((layer, e), {})["down"] = TensorInfo(sl.name, sl.file, sl.offset, sl.nbytes,
+                                                                              sl.dtype, info.shape[1:])
+                    else:
+                        inter = info.shape[1] // 2
+                        half = sl.nbytes // 2
+                        found.setdefault((layer, e), {})["gate"] = TensorInfo(
+                            sl.name + ".gate", sl.file, sl.offset, half, sl.dtype, (inter, info.shape[2]))
+                        found.setdefault((layer, e), {})["up"] = TensorInfo(
+                            sl.name + ".up", sl.file, sl.offset + half, half, sl.dtype, (inter, info.shape[2]))
+        if not found:
+            raise CheckpointError(f"no routed-expert tensors found in {ckpt.folder.name!r} for model_type "
+                                  f"{ckpt.model_type!r} (expected keys like 'model.layers.0.mlp.experts.0.gate_proj.weight')")
+        experts: dict[Key, ExpertTensors] = {}
+        for key, parts in sorted(found.items()):
+            missing = [p for p in ("gate", "up", "down") if p not in parts]
+            if missing:
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: missing {', '.join(missing)} projection "
+                                      "weights in the checkpoint")
+            experts[key] = ExpertTensors(parts["gate"], parts["up"], parts["down"])
+        layers = sorted({k[0] for k in experts})
+        for layer in layers:
+            have = sorted(e for (l_, e) in experts if l_ == layer)
+            if have != list(range(n_experts)):
+                raise CheckpointError(f"layer {layer}: checkpoint holds experts {have[:3]}..{have[-3:]} "
+                                      f"({len(have)}), config.json says {n_experts}")
+        first = next(iter(experts.values()))
+        inter, hidden = first.gate.shape
+        dtype = first.gate.dtype
+        for key, t in experts.items():
+            if t.gate.shape != (inter, hidden) or t.up.shape != (inter, hidden) or t.down.shape != (hidden, inter):
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: shapes gate{list(t.gate.shape)} "
+                                      f"up{list(t.up.shape)} down{list(t.down.shape)} differ from expert 0 of "
+                                      f"layer {layers[0]}; moelite needs equal expert shapes")
+            if any(p.dtype != dtype for p in t.parts):
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: mixed dtypes; expected {dtype}")
+        return cls(experts, layers, n_experts, hidden, inter, dtype)
+
+
+class SlotPool:
+    """`n_slots` expert slots in one preallocated buffer on `device`."""
+
+    def __init__(self, layout: ExpertLayout, n_slots: int, dtype: torch.dtype, device: torch.device):
+        self.layout, self.n_slots, self.dtype, self.device = layout, n_slots, dtype, device
+        self.slot_numel = layout.numel
+        self.slot_bytes = self.slot_numel * dtype.itemsize
+        self.buffer = torch.empty((n_slots, self.slot_numel), dtype=dtype, device=device)
+        h, i = layout.hidden, layout.intermediate
+        self._gate_up = self.buffer[:, : 2 * i * h].view(n_slots, 2 * i, h)
+        self._down = self.buffer[:, 2 * i * h:].view(n_slots, h, i)
+
+    def gate_up(self, slot: int) -> torch.Tensor:
+        return self._gate_up[slot]
+
+    def down(self, slot: int) -> torch.Tensor:
+        return self._down[slot]
+
+    def flat(self, slot: int) -> torch.Tensor:
+        return self.buffer[slot]
+
+
+def _preadv_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"short read at offset {offset + done}")
+        done += n
+
+
+class ExpertReader:
+    """Positional reads of expert bytes into slots (or into a caller's staging buffer)."""
+
+    def __init__(self, layout: ExpertLayout, pool: SlotPool, drop_page_cache: bool = True):
+        self.layout, self.pool = layout, pool
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        disk, dev = layout.disk_dtype, pool.device
+        self.direct = pool.dtype == disk and dev.type == "cpu"
+        # staging buffers, one per reading thread, allocated once
+        self._staging: dict[int, torch.Tensor] = {}
+        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.bytes_read = 0
+        self.io_seconds = 0.0
+        self.reads = 0
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    self._fds[path] = fd
+        return fd
+
+    def staging(self) -> torch.Tensor:
+        """This thread's staging buffer (disk dtype; pinned on CUDA)."""
+        tid = threading.get_ident()
+        buf = self._staging.get(tid)
+        if buf is None:
+            pin = self.pool.device.type == "cuda"
+            buf = torch.empty(self.layout.numel, dtype=self.layout.disk_dtype, pin_memory=pin)
+            self._staging[tid] = buf
+        return buf
+
+    def read_bytes(self, key: Key, dest: torch.Tensor) -> None:
+        """Read expert `key` into the 1-D CPU tensor `dest` (disk dtype, numel = layout.numel)."""
+        t0 = time.perf_counter()
+        raw = memoryview(dest.view(torch.uint8).numpy())
+        pos = 0
+        for part in self.layout.experts[key].parts:
+            fd = self._fd(part.file)
+            _preadv_all(fd, raw[pos: pos + part.nbytes], part.offset)
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, part.offset, part.nbytes, os.POSIX_FADV_DONTNEED)
+            pos += part.nbytes
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.bytes_read += pos
+            self.io_seconds += dt
+            self.reads += 1
+
+    def read_into(self, key: Key, slot: int) -> torch.cuda.Event | None:
+        """Fill `slot` with expert `key`. On CUDA returns an event the compute stream must wait on."""
+        if self.direct:
+            self.read_bytes(key, self.pool.flat(slot))
+            return None
+        stage = self.staging()
+        if self.copy_stream is not None:
+            # the staging buffer may still feed a previous async copy; wait for it before overwriting
+            self.copy_stream.synchronize()
+        self.read_bytes(key, stage)
+        if self.copy_stream is None:
+            self.pool.flat(slot).copy_(stage)  # dtype conversion into the slot, no allocation
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            self.pool.flat(slot).copy_(stage, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event
+
+    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+        """Read one whole tensor (non-expert weights) with a positional read into a new CPU tensor."""
+        out = torch.empty(info.shape, dtype=info.dtype)
+        fd = self._fd(info.file)
+        _preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __del__(self):
+        self.close()
