@@ -101,6 +101,9 @@ class Engine:
         policy = make_policy(self.config.cache_policy, self.config.score_window)
         cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)
         self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None)
+        if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
+            self.manager.observers.append(
+                lambda layer, routing, is_decode: is_decode and policy.observe_scores(layer, routing.probs.mean(0)))
         self.model = build_model(ckpt, adapter, self.hf_config, layout, self.reader, self.manager, self.device,
                                  self.dtype, self.top_k, progress=progress)
         if self.config.warm_start:

@@ -97,15 +97,27 @@ class ScorePolicy(Policy):
         self.lru.on_evict(key)
 
     def observe_scores(self, layer, scores):
-        h = self.hist.setdefault(layer, deque(maxlen=self.window))
-        h.append(scores.detach().float().cpu())
-        self.mean[layer] = torch.stack(list(h)).mean(0)
+        # running window sum: O(E) per observation
+        s = scores.detach().float().cpu()
+        h = self.hist.setdefault(layer, deque())
+        total = self.mean.get(layer)
+        total = s.clone() if total is None else total + s
+        h.append(s)
+        if len(h) > self.window:
+            total -= h.popleft()
+        self.mean[layer] = total
+
+    def mean_scores(self, layer):
+        total = self.mean.get(layer)
+        return None if total is None else total / len(self.hist[layer])
 
     def victim(self, candidates):
         rank = {k: i for i, k in enumerate(self.lru.order)}
 
         def score(k):
-            m = self.mean.get(k[0])
+            m = self.mean.get(k[0])  # window sum; same order as the mean within a layer
+            if m is not None:
+                m = m / len(self.hist[k[0]])
             return (float(m[k[1]]) if m is not None else -1.0, rank.get(k, -1))
 
         return min(candidates, key=score)

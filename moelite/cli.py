@@ -1,0 +1,189 @@
+"""Command line: a thin layer over the Python API.
+
+  moelite generate [--model DIR] --prompt TEXT   stream a continuation, then one stats line (--json: a JSON line)
+  moelite info [DIR]                             architecture, sizes, and which budgets fit this machine
+Engine flags (--expert-budget, --cache-policy, ...) are derived from `EngineConfig`'s fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import sys
+from pathlib import Path
+
+from .config import EngineConfig, format_bytes
+
+_SKIP = {"extra"}
+_HELP = {
+    "device": "cpu, cuda or cuda:N",
+    "expert_budget": "memory for routed experts: '25%%' of them, bytes, or a size such as '2GiB'",
+    "cache_policy": "eviction policy: lru, lfu, score (SMoE score window), fifo",
+    "expert_dtype": "dtype of expert slots (auto = float32 on CPU, checkpoint dtype on CUDA)",
+    "cache_scope": "one pool for all layers (global) or an equal share per layer (layer)",
+    "warm_start": "fill the cache in layer order at load",
+    "drop_page_cache": "drop file pages after each expert read (honest budget)",
+    "allow_pickle": "accept .bin/.pt pickle weights (can run code: only for trusted files)",
+    "score_window": "decode iterations the score policy averages over",
+    "prefetch": "prefetch the next layer's predicted experts",
+    "substitution_alpha": "SMoE substitution threshold (0 = exact)",
+    "substitute_in_prefill": "also substitute during prefill",
+    "num_threads": "torch CPU threads",
+}
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    for f in dataclasses.fields(EngineConfig):
+        if f.name in _SKIP:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+        else:
+            conv = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+            g.add_argument(flag, type=conv, default=f.default, help=_HELP.get(f.name))
+
+
+def engine_config(args) -> EngineConfig:
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineConfig) if f.name not in _SKIP}
+    budget = kw["expert_budget"]
+    if isinstance(budget, str) and budget.isdigit():
+        kw["expert_budget"] = int(budget)
+    return EngineConfig(**kw).validate()
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _available_ram() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .engine import Engine
+
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    engine = Engine(args.model, engine_config(args), progress=not args.json)
+    box: dict = {}
+    out = sys.stdout
+    if not args.json:
+        out.write(prompt)
+        out.flush()
+    for piece in engine.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                               top_k=args.top_k, stop=args.stop or (), seed=args.seed, _result=box):
+        if not args.json:
+            out.write(piece)
+            out.flush()
+    gen = box["generation"]
+    s = gen.stats
+    total = engine.stats()
+    summary = {
+        "text": gen.text, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
+        "completion_tokens": s["completion_tokens"], "ttft_s": round(s.get("ttft_s", 0.0), 4),
+        "decode_tok_s": round(s["decode_tok_s"], 2), "expert_hit_rate": round(s["expert_hit_rate"], 4),
+        "expert_bytes_read": s["expert_bytes_read"], "peak_rss_bytes": peak_rss_bytes(),
+        "expert_budget_bytes": total["expert_budget_bytes"],
+        "resident_expert_bytes_peak": total["resident_expert_bytes_peak"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"\n-- TTFT {summary['ttft_s'] * 1000:.0f} ms | decode {summary['decode_tok_s']:.1f} tok/s | "
+              f"expert hit rate {summary['expert_hit_rate']:.1%} | read {format_bytes(s['expert_bytes_read'])} | "
+              f"peak RSS {format_bytes(summary['peak_rss_bytes'])} | budget "
+              f"{format_bytes(summary['expert_budget_bytes'])}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from transformers import AutoConfig
+
+    from .arch import adapter_for
+    from .checkpoint import Checkpoint
+    from .demo import demo_model_path
+    from .expert_store import ExpertLayout
+
+    path = Path(args.model) if args.model else demo_model_path()
+    ckpt = Checkpoint.open(path, allow_pickle=args.allow_pickle)
+    adapter = adapter_for(ckpt.model_type)
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    n_exp, top_k = adapter.num_experts(cfg), adapter.top_k(cfg)
+    layout = ExpertLayout.build(ckpt, adapter, n_exp)
+    names = layout.expert_tensor_names()
+    dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
+    expert_bytes = layout.total_disk_bytes
+    avail = _available_ram()
+    fp32_scale = 4 / layout.disk_dtype.itemsize
+    per_expert32 = layout.disk_bytes * fp32_scale
+    fit = max(0.0, avail * 0.8 - dense * fp32_scale)  # keep 20% headroom for activations, KV cache, the OS
+    info = {
+        "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
+        "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
+        "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
+        "dense_bytes": dense, "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
+        "min_budget_bytes_fp32": int(top_k * per_expert32), "available_ram_bytes": avail,
+        "max_budget_fitting_ram_fp32": int(min(fit, per_expert32 * len(layout.experts))),
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['model']}: {ckpt.model_type}, {info['layers']} layers ({info['moe_layers']} MoE), "
+          f"{n_exp} routed experts/layer, top-{top_k}, hidden {layout.hidden}, expert intermediate {layout.intermediate}")
+    print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk)")
+    print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
+    print(f"  minimum budget     {format_bytes(info['min_budget_bytes_fp32'])} (top-{top_k} experts as float32 on CPU)")
+    pct = info["max_budget_fitting_ram_fp32"] / (per_expert32 * len(layout.experts))
+    print(f"  this machine       {format_bytes(avail)} RAM available -> budgets up to "
+          f"{format_bytes(info['max_budget_fitting_ram_fp32'])} ({pct:.0%} of experts) fit on CPU")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moelite", description="Run MoE LLMs with offloaded experts under a budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="stream a continuation of a prompt")
+    g.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the embedded demo model)")
+    g.add_argument("--prompt", default=None, help="prompt text (default: read standard input)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print only a JSON line with text and stats")
+    add_engine_flags(g)
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a checkpoint and which budgets fit this machine")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--allow-pickle", action="store_true")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        print(f"moelite: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

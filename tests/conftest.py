@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints of every architecture, written once per test session by transformers."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from moelite.tiny import ARCHS, make_tiny_checkpoint
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+SHARED_DATA = Path(os.environ.get("MOELITE_DATA_DIR", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch, **overrides) -> folder of a random checkpoint (cached per argument set)."""
+    made: dict = {}
+    root = tmp_path_factory.mktemp("ckpt")
+
+    def make(arch: str, tokenizer: bool = False, **overrides) -> Path:
+        key = (arch, tokenizer, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = root / f"{arch}_{len(made)}"
+            made[key] = make_tiny_checkpoint(arch, out, tokenizer=tokenizer, **overrides)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session", params=ARCHS)
+def arch(request):
+    return request.param
