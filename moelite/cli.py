@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
         out.write(prompt)
         out.flush()
     for piece in engine.stream(prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                               top_k=args.top_k, stop=args.stop or (), seed=args.seed, _result=box):
+                               top_k=args.top_k, stop=args.stop or (), seed=args.seed, _result=box):  # alpha: engine default
         if not args.json:
             out.write(piece)
             out.flush()
@@ -170,7 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--allow-pickle", action="store_true")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    # subcommands that live beside the concern they wrap: each module has register_cli(subparsers)
+    import importlib
+
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        mod.register_cli(sub)
     return p
+
+
+_SUBCOMMAND_MODULES = ("moelite.bench", "moelite.evaluate", "moelite.tuner", "moelite.server", "moelite.traces")
 
 
 def main(argv: list[str] | None = None) -> int:

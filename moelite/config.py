@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
+MISS_POLICIES = ("load", "direct", "hybrid")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _UNITS = {
     "": 1, "b": 1,
@@ -94,6 +95,11 @@ class EngineConfig:
     score_window: int = 8
     # read experts for the next layer in the background, predicted through that layer's gate
     prefetch: bool = False
+    # background I/O threads reading experts (0 = read on the compute thread)
+    io_threads: int = 2
+    # a miss goes into the cache ("load"), is computed from a read buffer without caching ("direct"),
+    # or is split between both by score and measured cost ("hybrid", SMoE Algorithm 2)
+    miss_policy: str = "load"
     # SMoE substitution threshold; 0 = exact model
     substitution_alpha: float = 0.0
     # whether substitution also applies in prefill (the paper: decode only)
@@ -113,6 +119,10 @@ class EngineConfig:
         if not isinstance(self.score_window, int) or self.score_window < 1:
             raise ValueError(f"score_window: {self.score_window!r} must be an int >= 1")
         check_alpha(self.substitution_alpha)
+        if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 0 <= self.io_threads <= 64:
+            raise ValueError(f"io_threads: {self.io_threads!r} must be an int in [0, 64]")
+        if self.miss_policy not in MISS_POLICIES:
+            raise ValueError(f"miss_policy: {self.miss_policy!r} is not one of {', '.join(MISS_POLICIES)}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
         return self

@@ -24,11 +24,13 @@ from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
 from .arch import adapter_for
 from .checkpoint import Checkpoint, CheckpointError
-from .config import EngineConfig, format_bytes, parse_device, resolve_budget, slot_dtype
+from .config import EngineConfig, check_alpha, format_bytes, parse_device, resolve_budget, slot_dtype
 from .expert_cache import ExpertCache, make_policy
 from .expert_store import ExpertLayout, ExpertReader, SlotPool
+from .loader import Loader
 from .model import build_model
 from .moe_layer import ExpertManager
+from .substitution import cache_router
 from .sampling import SamplingParams, sample
 
 
@@ -44,7 +46,8 @@ class Generation:
 def _counters(engine: "Engine") -> dict:
     c = engine.manager.cache
     return {"expert_hits": c.hits, "expert_misses": c.misses, "expert_bytes_read": engine.reader.bytes_read,
-            "io_seconds": engine.reader.io_seconds, "stall_seconds": engine.manager.stall_seconds}
+            "io_seconds": engine.reader.io_seconds, "stall_seconds": engine.manager.stall_seconds,
+            "expert_substitutions": engine.manager.substitutions}
 
 
 class Engine:
@@ -100,7 +103,11 @@ class Engine:
         self.reader = ExpertReader(layout, self.pool, drop_page_cache=self.config.drop_page_cache)
         policy = make_policy(self.config.cache_policy, self.config.score_window)
         cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)
-        self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None)
+        loader = Loader(self.reader, self.config.io_threads) if self.config.io_threads > 0 else None
+        self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None, loader=loader,
+                                     miss_policy=self.config.miss_policy, prefetch=self.config.prefetch)
+        self.manager.substitute_in_prefill = self.config.substitute_in_prefill
+        self.manager.substitute = cache_router  # SMoE Algorithm 1; runs only while alpha > 0
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
             self.manager.observers.append(
                 lambda layer, routing, is_decode: is_decode and policy.observe_scores(layer, routing.probs.mean(0)))
@@ -226,11 +233,14 @@ class Engine:
             ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
 
     def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-               top_k: int = 0, stop=(), seed: int | None = None, _result: dict | None = None) -> Iterator[str]:
+               top_k: int = 0, stop=(), seed: int | None = None, substitution_alpha: float | None = None,
+               _result: dict | None = None) -> Iterator[str]:
         """Yield text pieces as they decode; `_result` (if given) receives the final `Generation`."""
         params = self._params(max_tokens, temperature, top_p, top_k, stop, seed)
+        alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
         prompt_ids = self.encode(prompt)
         with self._lock:
+            self.manager.alpha = alpha
             before = _counters(self)
             stats: dict = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
             out_ids: list[int] = []
@@ -264,13 +274,16 @@ class Engine:
             stats["expert_hit_rate"] = stats["expert_hits"] / n_exp if n_exp else 0.0
             dec = stats.get("decode_s", 0.0)
             stats["decode_tok_s"] = (stats["completion_tokens"] - 1) / dec if dec > 0 else 0.0
+            stats["substitution_alpha"] = alpha
             if _result is not None:
                 _result["generation"] = Generation(text, out_ids, len(prompt_ids), finish, stats)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
-                 top_k: int = 0, stop=(), seed: int | None = None) -> Generation:
+                 top_k: int = 0, stop=(), seed: int | None = None,
+                 substitution_alpha: float | None = None) -> Generation:
         box: dict = {}
-        for _ in self.stream(prompt, max_tokens, temperature, top_p, top_k, stop, seed, _result=box):
+        for _ in self.stream(prompt, max_tokens, temperature, top_p, top_k, stop, seed, substitution_alpha,
+                             _result=box):
             pass
         return box["generation"]
 
@@ -292,7 +305,17 @@ class Engine:
             "expert_hits": c.hits,
             "expert_misses": c.misses,
             "expert_hit_rate": c.hits / n if n else 0.0,
+            "expert_substitutions": m.substitutions,
             "expert_evictions": c.evictions,
+            "prefetch_issued": m.prefetch_issued,
+            "prefetch_hits": m.prefetch_used,
+            "prefetch_wasted": m.prefetch_wasted,
+            "prefetch_precision": m.prefetch_used / (m.prefetch_used + m.prefetch_wasted)
+            if m.prefetch_used + m.prefetch_wasted else 0.0,
+            "prefetch_recall": m.prefetch_used / (m.prefetch_used + m.decode_misses)
+            if m.prefetch_used + m.decode_misses else 0.0,
+            "misses_loaded": m.loaded_misses,
+            "misses_direct": m.direct_misses,
             "expert_bytes_read": r.bytes_read,
             "io_seconds": r.io_seconds,
             "stall_seconds": m.stall_seconds,
@@ -302,6 +325,8 @@ class Engine:
         }
 
     def close(self) -> None:
+        if self.manager.loader is not None:
+            self.manager.loader.shutdown()
         self.reader.close()
 
 

@@ -150,6 +150,7 @@ class ExpertCache:
         if scope == "global":  # one shared free list
             shared = list(reversed(range(n_slots)))
             self.free = {layer: shared for layer in layers}
+        self.last_evicted: Key | None = None
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -164,7 +165,8 @@ class ExpertCache:
 
     @property
     def resident_bytes(self) -> int:
-        return len(self.slot_of) * self.slot_bytes
+        """Bytes of slots holding an expert or a read in flight."""
+        return sum(o is not None for o in self.owner) * self.slot_bytes
 
     def lookup(self, key: Key, count: bool = True) -> int | None:
         slot = self.slot_of.get(key)
@@ -186,15 +188,22 @@ class ExpertCache:
             self.pins[slot] = n
 
     # ---- insertion -------------------------------------------------------------------------------------------
+    def can_acquire(self, layer: int) -> bool:
+        if self.free[layer]:
+            return True
+        return any(self.owner[s] is not None and s not in self.pins and self.owner[s] in self.slot_of
+                   for s in self.partition[layer])
+
     def acquire(self, key: Key) -> int:
         """A slot for `key` (not resident); evicts the policy's victim if the partition is full."""
         layer = key[0]
         free = self.free[layer]
+        self.last_evicted = None
         if free:
             slot = free.pop()
         else:
             candidates = [self.owner[s] for s in self.partition[layer]
-                          if self.owner[s] is not None and s not in self.pins]
+                          if self.owner[s] is not None and s not in self.pins and self.owner[s] in self.slot_of]
             if not candidates:
                 raise RuntimeError("expert cache: every slot is pinned by the current layer; the budget is below "
                                    "what one layer needs at once")
@@ -202,20 +211,21 @@ class ExpertCache:
             slot = self.slot_of.pop(victim)
             self.policy.on_evict(victim)
             self.evictions += 1
+            self.last_evicted = victim
         self.owner[slot] = key
         return slot
 
+    def release(self, slot: int) -> None:
+        """Give back a slot acquired but not committed (a cancelled or failed load)."""
+        key = self.owner[slot]
+        if key is not None and self.slot_of.get(key) != slot:
+            self.owner[slot] = None
+            self.free[key[0]].append(slot)
+
     def commit(self, key: Key, slot: int, count_miss: bool = True) -> None:
-        """Record `key` as resident in `slot` once its bytes are (or are being) loaded."""
+        """Record `key` as resident in `slot` once its bytes are loaded."""
         self.slot_of[key] = slot
         if count_miss:
             self.misses += 1
         self.policy.on_insert(key)
         self.resident_peak = max(self.resident_peak, self.resident_bytes)
-
-    def release(self, slot: int) -> None:
-        """Give back a slot acquired but not committed (a cancelled load)."""
-        key = self.owner[slot]
-        if key is not None and self.slot_of.get(key) != slot:
-            self.owner[slot] = None
-            self.free[key[0]].append(slot)

@@ -101,7 +101,12 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
-    for i, block in blocks.items():
-        model.model.layers[i].mlp = OffloadedMoEBlock(block, i, adapter, manager, top_k)
+    order = sorted(blocks)
+    for j, i in enumerate(order):
+        wrapped = OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k)
+        model.model.layers[i].mlp = wrapped
+        manager.blocks[i] = wrapped
+        if j + 1 < len(order):
+            manager.next_layer[i] = order[j + 1]
     model.eval().requires_grad_(False)
     return model

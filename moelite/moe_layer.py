@@ -1,17 +1,26 @@
 """The offloaded MoE layer: transformers' router and shared experts, moelite's routed experts.
 
 Contract:
-  - `ExpertManager` owns the slot pool, the cache and the reader. `run(layer, x, idx, w)` computes
-    sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token, each expert once for all tokens routed to it, with
-    the protection shield: resident experts of this layer are pinned until computed, then misses are loaded one
-    at a time into free or evicted slots.
+  - `ExpertManager` owns the slot pool, the cache, the reader and the background loader.
+    `run(layer, x, idx, w, scores)` computes sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token, each expert
+    once for all tokens routed to it. Order: resident experts are pinned (the protection shield) and computed
+    while the misses are read in the background; each miss is computed as soon as its bytes land. A miss either
+    goes into the cache ("load") or is computed straight from a read buffer without caching ("direct"); with
+    miss_policy="hybrid" the misses are split between the two paths by score and by their measured running
+    costs so that neither path finishes much later than the other.
+  - Prefetch (decode only): after routing layer L, the next MoE layer's gate is applied to layer L's input;
+    predicted top experts that are not resident are read in the background; predictions the next layer does not
+    use are cancelled if not yet started. Precision and recall are counted.
   - `OffloadedMoEBlock` replaces a transformers MoE block (`layer.mlp`), keeping its `gate` and shared-expert
     modules; forward([B, T, H]) -> [B, T, H] equals the original block's forward (the exactness tests check it).
+  - Output never depends on cache policy, prefetch, loader or miss path; only substitution (alpha > 0) changes it.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -21,6 +30,7 @@ from torch import nn
 from .arch.base import ArchAdapter, Routing
 from .expert_cache import ExpertCache
 from .expert_store import ExpertReader, SlotPool
+from .loader import Loader
 
 Key = tuple[int, int]
 
@@ -29,7 +39,28 @@ Key = tuple[int, int]
 class LayerStats:
     hits: int = 0
     misses: int = 0
+    prefetch_hits: int = 0
+    substitutions: int = 0
     tokens: int = 0
+
+
+class RunningCost:
+    """Mean of the last n samples with outliers beyond one standard deviation dropped (as SMoE's code does)."""
+
+    def __init__(self, n: int = 10):
+        self.samples: deque[float] = deque(maxlen=n)
+
+    def add(self, x: float) -> None:
+        self.samples.append(x)
+
+    def value(self, default: float) -> float:
+        if not self.samples:
+            return default
+        t = torch.tensor(list(self.samples))
+        if len(t) >= 3:
+            keep = (t - t.mean()).abs() <= t.std() + 1e-12
+            t = t[keep] if keep.any() else t
+        return float(t.mean())
 
 
 @dataclass
@@ -38,79 +69,251 @@ class ExpertManager:
     cache: ExpertCache
     reader: ExpertReader
     act_fn: nn.Module
+    loader: Loader | None = None
+    miss_policy: str = "load"  # load | direct | hybrid
+    prefetch: bool = False
     layer_stats: dict[int, LayerStats] = field(default_factory=dict)
     compute_seconds: float = 0.0
     stall_seconds: float = 0.0
-    #: optional callback(layer, Routing, is_decode) for traces / score policies
+    #: optional callbacks(layer, Routing, is_decode) for traces / score policies
     observers: list = field(default_factory=list)
+    #: substitution hook (SMoE cache router): fn(manager, layer, block, routing, alpha) -> Routing; None = exact
+    substitute: object = None
+    #: substitution threshold of the request(s) now decoding: a float, or a [N] tensor per token
+    alpha: object = 0.0
+    substitute_in_prefill: bool = False
+    substitutions: int = 0
+    #: routing source that replaces the router (trace replay on real-shape checkpoints); None = the model's gate
+    replay: object = None
+    # prefetch bookkeeping
+    inflight: dict = field(default_factory=dict)  # key -> (slot, Future, is_prefetch)
+    prefetched_unused: set = field(default_factory=set)
+    prefetch_issued: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    decode_misses: int = 0
+    loaded_misses: int = 0
+    direct_misses: int = 0
+    cost_load: RunningCost = field(default_factory=RunningCost)
+    cost_direct: RunningCost = field(default_factory=RunningCost)
+    blocks: dict = field(default_factory=dict)  # layer -> OffloadedMoEBlock (set by build_model)
+    next_layer: dict = field(default_factory=dict)  # layer -> next MoE layer
 
-    def expert_forward(self, slot: int, xs: torch.Tensor) -> torch.Tensor:
-        """One expert on tokens xs [n, H] -> [n, H] (SwiGLU: down(act(gate x) * up x))."""
-        gate_up = self.pool.gate_up(slot)  # [2I, H]
-        down = self.pool.down(slot)  # [H, I]
+    # ---- compute ---------------------------------------------------------------------------------------------
+    def expert_forward(self, gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+        """One expert on tokens xs [n, H] -> [n, H] (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H], down [H, I]."""
         h = xs.to(gate_up.dtype)
         g, u = F.linear(h, gate_up).chunk(2, dim=-1)  # [n, I] each
         return F.linear(self.act_fn(g) * u, down).to(xs.dtype)  # [n, H]
 
-    def load(self, key: Key) -> int:
-        """Make `key` resident (a miss): take a slot, read the bytes, return the slot."""
+    def _direct_weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read `key` into this thread's staging buffer and return gate_up / down views (no cache insertion)."""
+        stage = self.reader.staging()
+        self.reader.read_bytes(key, stage)
+        lay = self.pool.layout
+        h, i = lay.hidden, lay.intermediate
+        dev = self.pool.device
+        if stage.dtype != self.pool.dtype or dev.type != "cpu":
+            scratch = self._scratch()
+            scratch.copy_(stage)
+            stage = scratch
+        return stage[: 2 * i * h].view(2 * i, h), stage[2 * i * h:].view(h, i)
+
+    def _scratch(self) -> torch.Tensor:
+        buf = getattr(self, "_scratch_buf", None)
+        if buf is None:
+            buf = torch.empty(self.pool.slot_numel, dtype=self.pool.dtype, device=self.pool.device)
+            self._scratch_buf = buf
+        return buf
+
+    # ---- loading ---------------------------------------------------------------------------------------------
+    def _submit(self, key: Key, is_prefetch: bool) -> bool:
+        layer = key[0]
+        if not self.cache.can_acquire(layer):
+            return False
         slot = self.cache.acquire(key)
+        self.cache.pin(slot)
+        evicted = self.cache.last_evicted
+        if evicted is not None and evicted in self.prefetched_unused:
+            self.prefetched_unused.discard(evicted)
+            self.prefetch_wasted += 1
+        if self.loader is None:
+            fut: Future = Future()
+            try:
+                fut.set_result(self.reader.read_into(key, slot))
+            except BaseException as exc:  # surfaced by _finish
+                fut.set_exception(exc)
+        else:
+            fut = self.loader.submit(key, slot)
+        self.inflight[key] = (slot, fut, is_prefetch, time.perf_counter())
+        return True
+
+    def _finish(self, key: Key) -> int:
+        """Wait for an in-flight load, commit it to the cache; returns its (still pinned) slot."""
+        slot, fut, is_prefetch, t_submit = self.inflight.pop(key)
         t0 = time.perf_counter()
         try:
-            event = self.reader.read_into(key, slot)
+            event = fut.result()
         except BaseException:
+            self.cache.unpin(slot)
             self.cache.release(slot)
             raise
         if event is not None:
             torch.cuda.current_stream(self.pool.device).wait_event(event)
         self.stall_seconds += time.perf_counter() - t0
-        self.cache.commit(key, slot)
+        if not is_prefetch:
+            self.cost_load.add(time.perf_counter() - t_submit)
+        self.cache.commit(key, slot, count_miss=False)
         return slot
 
-    def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _settle(self, layer: int, needed: set[int]) -> None:
+        """Commit finished loads; cancel this layer's prefetches that routing did not ask for."""
+        for key in list(self.inflight):
+            slot, fut, is_prefetch, _ = self.inflight[key]
+            if key[0] == layer and key[1] not in needed and is_prefetch:
+                if fut.cancel():
+                    del self.inflight[key]
+                    self.cache.unpin(slot)
+                    self.cache.release(slot)
+                    self.prefetched_unused.discard(key)
+                    self.prefetch_wasted += 1
+                    continue
+            if fut.done():
+                self.cache.unpin(self._finish(key))
+
+    def _fill(self, layer: int, queue: deque, waiting: list) -> None:
+        while queue and self._submit((layer, queue[0]), is_prefetch=False):
+            waiting.append(queue.popleft())
+
+    def _drain_one(self) -> None:
+        if not self.inflight:
+            raise RuntimeError("expert cache: no slot can be freed; the budget is below what one layer needs")
+        key = next(iter(self.inflight))
+        self.cache.unpin(self._finish(key))
+
+    def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
+        """Predict the next MoE layer's experts from x [N, H] through its gate and read the top ones early."""
+        nxt = self.next_layer.get(layer)
+        if nxt is None:
+            return
+        block = self.blocks[nxt]
+        routing = block.adapter.route(block.block, x, block.top_k)
+        for e in routing.idx.unique().tolist():
+            key = (nxt, e)
+            if self.cache.resident(key) or key in self.inflight:
+                continue
+            if not self._submit(key, is_prefetch=True):
+                break
+            self.prefetch_issued += 1
+            self.prefetched_unused.add(key)
+
+    # ---- the layer ---------------------------------------------------------------------------------------------
+    def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None = None,
+            is_decode: bool = False) -> torch.Tensor:
         # x [N, H], idx [N, k], w [N, k] -> out [N, H]
         n_tok, k = idx.shape
         flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # [N*k] positions grouped by expert
+        order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
         experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        tok = order // k  # token of each (token, choice) pair, grouped by expert
+        tok = order // k
         wts = w.reshape(-1)[order].to(x.dtype)
         out = torch.zeros_like(x)
         stats = self.layer_stats.setdefault(layer, LayerStats())
         stats.tokens += n_tok
 
-        groups: list[tuple[int, int, int]] = []  # (expert, start, end) into tok/wts
+        groups: dict[int, tuple[int, int]] = {}
         start = 0
         for e, c in zip(experts.tolist(), counts.tolist()):
-            groups.append((e, start, start + c))
+            groups[e] = (start, start + c)
             start += c
+        self._settle(layer, set(groups))
 
-        def compute(slot: int, s: int, t: int) -> None:
+        def compute(gate_up, down, e: int) -> None:
             t0 = time.perf_counter()
+            s, t = groups[e]
             ti = tok[s:t]
-            y = self.expert_forward(slot, x[ti]) * wts[s:t, None]
-            out.index_add_(0, ti, y)
+            out.index_add_(0, ti, self.expert_forward(gate_up, down, x[ti]) * wts[s:t, None])
             self.compute_seconds += time.perf_counter() - t0
 
-        resident, missing = [], []
-        for e, s, t in groups:
-            slot = self.cache.lookup((layer, e))
-            if slot is None:
-                missing.append((e, s, t))
-            else:
+        resident, waiting, missing = [], [], []
+        for e in groups:
+            key = (layer, e)
+            if key in self.prefetched_unused:
+                self.prefetched_unused.discard(key)
+                self.prefetch_used += 1
+                stats.prefetch_hits += 1
+            slot = self.cache.lookup(key, count=False)
+            if slot is not None:
                 self.cache.pin(slot)  # shield: not evictable until computed
-                resident.append((slot, s, t))
-        stats.hits += len(resident)
+                resident.append((e, slot))
+            elif key in self.inflight:
+                waiting.append(e)
+                self.cache.policy.on_access(key)
+            else:
+                missing.append(e)
+        self.cache.hits += len(resident) + len(waiting)
+        self.cache.misses += len(missing)
+        stats.hits += len(resident) + len(waiting)
         stats.misses += len(missing)
-        for slot, s, t in resident:
-            compute(slot, s, t)
+        if is_decode:
+            self.decode_misses += len(missing)
+
+        to_load, direct = self._split_misses(layer, missing, probs)
+        queue = deque(to_load)
+        self._fill(layer, queue, waiting)  # start I/O before computing the resident experts
+
+        for e, slot in resident:
+            compute(self.pool.gate_up(slot), self.pool.down(slot), e)
             self.cache.unpin(slot)
-        for e, s, t in missing:
-            slot = self.load((layer, e))
-            self.cache.pin(slot)
-            compute(slot, s, t)
+        self._fill(layer, queue, waiting)
+        if is_decode and self.prefetch and not queue:
+            self.prefetch_next(layer, x)  # reads for layer L+1 queue behind this layer's misses
+        for e in direct:  # computed from the read buffer on this thread while the loader fills slots
+            t0 = time.perf_counter()
+            gate_up, down = self._direct_weights((layer, e))
+            self.stall_seconds += time.perf_counter() - t0
+            compute(gate_up, down, e)
+            self.cost_direct.add(time.perf_counter() - t0)
+        while waiting or queue:
+            if not waiting:  # every slot is pinned by other in-flight reads: let one land first
+                self._drain_one()
+                self._fill(layer, queue, waiting)
+                continue
+            e = waiting.pop(0)
+            slot = self._finish((layer, e))
+            compute(self.pool.gate_up(slot), self.pool.down(slot), e)
             self.cache.unpin(slot)
+            self._fill(layer, queue, waiting)
+        self.loaded_misses += len(to_load)
+        self.direct_misses += len(direct)
         return out
+
+    def _split_misses(self, layer: int, missing: list[int], probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        if not missing or self.miss_policy == "load":
+            return missing, []
+        if self.miss_policy == "direct":
+            return [], missing
+        # hybrid: highest-scoring misses go to the cache (likely reused), the low end is computed directly;
+        # two pointers balance n_load * C_load against n_direct * C_direct (SMoE Algorithm 2)
+        if probs is not None:
+            score = probs.float().mean(0)
+            missing = sorted(missing, key=lambda e: -float(score[e]))
+        c_load = self.cost_load.value(1.0)
+        c_direct = self.cost_direct.value(1.0)
+        lo, hi = 0, len(missing)
+        t_load = t_direct = 0.0
+        while lo < hi:
+            if t_load + c_load <= t_direct + c_direct:
+                t_load += c_load
+                lo += 1
+            else:
+                t_direct += c_direct
+                hi -= 1
+        return missing[:lo], missing[lo:]
+
+
+def _alpha_on(alpha) -> bool:
+    return bool((alpha > 0).any()) if isinstance(alpha, torch.Tensor) else alpha > 0
 
 
 class OffloadedMoEBlock(nn.Module):
@@ -119,16 +322,22 @@ class OffloadedMoEBlock(nn.Module):
         self.block = block  # transformers' block without its `experts`: gate + shared experts
         self.layer, self.adapter, self.top_k = layer, adapter, top_k
         self.manager = manager
-        self.last_routing: Routing | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]
-        routing = self.adapter.route(self.block, x, self.top_k)  # idx [N, k]
+        m = self.manager
+        if m.replay is not None:
+            idx, probs = m.replay.route(self.layer, x.shape[0], self.top_k, x.device)  # idx [N, k], probs [N, E]
+            routing = Routing(probs, probs, idx, self.adapter.weigh(self.block, probs, idx))
+        else:
+            routing = self.adapter.route(self.block, x, self.top_k)  # idx [N, k]
         is_decode = seq == 1
-        for obs in self.manager.observers:
+        for obs in m.observers:
             obs(self.layer, routing, is_decode)
-        out = self.manager.run(self.layer, x, routing.idx, routing.weights)
+        if m.substitute is not None and (is_decode or m.substitute_in_prefill) and _alpha_on(m.alpha):
+            routing = m.substitute(m, self.layer, self.block, routing, m.alpha)
+        out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, is_decode)
         shared = self.adapter.shared(self.block, x)
         if shared is not None:
             out = out + shared

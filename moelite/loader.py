@@ -1,0 +1,31 @@
+"""Background expert loading.
+
+Contract: `Loader.submit(key, slot)` queues a read of expert `key` into `slot` on a small pool of I/O threads and
+returns a `Future` (its result is a CUDA event to wait on, or None on CPU). At most `max_pending` reads are queued;
+`Future.cancel()` drops a read that has not started (mispredicted prefetches). Positional reads release the GIL,
+so I/O overlaps with compute on the main thread. All cache bookkeeping stays on the main thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from .expert_store import ExpertReader
+
+
+class Loader:
+    def __init__(self, reader: ExpertReader, io_threads: int = 2, max_pending: int = 256):
+        self.reader = reader
+        self.pool = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="moelite-io")
+        self.slots = threading.BoundedSemaphore(max_pending)
+
+    def submit(self, key, slot: int) -> Future:
+        if not self.slots.acquire(timeout=60):
+            raise RuntimeError("expert loader queue is full")
+        fut = self.pool.submit(self.reader.read_into, key, slot)
+        fut.add_done_callback(lambda _f: self.slots.release())
+        return fut
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)

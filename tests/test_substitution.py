@@ -1,0 +1,145 @@
+"""SMoE cache router: Algorithm 1 against a literal per-token reference, alpha = 0 bit for bit, accounting."""
+
+import pytest
+import torch
+
+import moelite
+from moelite.arch.base import Routing
+from moelite.substitution import cache_router, plan
+
+
+def reference(probs, choice, idx, alpha, resident):
+    """Algorithm 1 written out token by token with Python sets (the spec the vectorised router must match)."""
+    n, e = probs.shape
+    k = idx.shape[1]
+    out = idx.clone()
+    subs = torch.zeros_like(idx, dtype=torch.bool)
+    a = [float(alpha[i]) if isinstance(alpha, torch.Tensor) else float(alpha) for i in range(n)]
+    s = []
+    for i in range(n):
+        order = sorted(range(e), key=lambda x: -float(choice[i, x]))  # the architecture's own ranking
+        s.append(float(probs[i, order[k]]))
+    union = {int(idx[i, j]) for i in range(n) for j in range(k) if float(probs[i, idx[i, j]]) > (1 + a[i]) * s[i]}
+    res = {x for x in range(e) if resident[x]}
+    for i in range(n):
+        sel = {int(x) for x in idx[i]}
+        misses = [j for j in range(k) if float(probs[i, idx[i, j]]) <= (1 + a[i]) * s[i]
+                  and int(idx[i, j]) not in res | union]
+        misses.sort(key=lambda j: float(probs[i, idx[i, j]]))  # lowest score first
+        cands = [x for x in range(e) if x not in sel and (x in res or x in union)
+                 and (1 - a[i]) * s[i] < float(probs[i, x]) <= s[i] and torch.isfinite(choice[i, x])]
+        cands.sort(key=lambda x: -float(probs[i, x]))  # highest score first
+        for j, c in zip(misses, cands):
+            out[i, j] = c
+            subs[i, j] = True
+    return out, subs
+
+
+def random_routing(n, e, k, seed, sharp=2.0):
+    g = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(torch.randn(n, e, generator=g) * sharp, -1)
+    idx = torch.topk(probs, k, -1).indices
+    return Routing(probs, probs, idx, probs.gather(1, idx)), g
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_matches_reference(seed):
+    n, e, k = 1 + seed % 4, 16, 4
+    r, g = random_routing(n, e, k, seed, sharp=0.7)
+    resident = torch.rand(e, generator=g) < 0.4
+    alphas = [0.1, 0.3, 0.6, torch.rand(n, generator=g) * 0.8]
+    n_sub = 0
+    for alpha in alphas:
+        want_idx, want_sub = reference(r.probs, r.choice, r.idx, alpha, resident)
+        got = plan(r, k, alpha, resident)
+        if got is None:
+            assert not want_sub.any()
+            continue
+        assert torch.equal(got[0], want_idx) and torch.equal(got[1], want_sub)
+        n_sub += int(got[1].sum())
+        for i in range(n):  # each token still runs k distinct experts
+            assert len(set(got[0][i].tolist())) == k
+    if seed < 3:
+        assert n_sub > 0, "the test data should exercise substitution"
+
+
+def test_alpha_zero_changes_nothing():
+    r, g = random_routing(3, 16, 4, 7)
+    resident = torch.zeros(16, dtype=torch.bool)
+    assert plan(r, 4, 0.0, resident) is None
+    assert plan(r, 4, torch.zeros(3), resident) is None
+
+
+def test_substitute_weighted_by_own_score(tiny):
+    eng = moelite.load(tiny("mixtral"), expert_budget="25%")  # Mixtral renormalises over the top-k
+    block = eng.model.model.layers[0].mlp.block
+    probs = torch.tensor([[0.30, 0.26, 0.24, 0.08, 0.07, 0.05, 0.0, 0.0]])
+    idx = torch.tensor([[0, 1]])
+    r = Routing(probs, probs, idx, probs.gather(1, idx))
+    layer = eng.layout.layers[0]
+    cache = eng.manager.cache
+    for e in list(cache.resident_experts(layer)):  # make expert 2 resident, 0 and 1 not
+        cache.slot_of.pop((layer, e))
+    cache.slot_of[(layer, 2)] = 0
+    before = eng.manager.substitutions
+    out = cache_router(eng.manager, layer, block, r, 0.25)  # S = 0.24; 0.26 is low-score, 0.30 > 1.25*0.24 is top
+    assert out.idx.tolist() == [[0, 2]]
+    assert torch.allclose(out.weights, torch.tensor([[0.30 / 0.54, 0.24 / 0.54]]))
+    assert eng.manager.substitutions == before + 1
+    assert cache_router(eng.manager, layer, block, r, 0.0) is r
+
+
+def _decode_logits(eng, ids, alpha):
+    from transformers import DynamicCache
+
+    eng.manager.alpha = alpha
+    cache = DynamicCache(config=eng.hf_config)
+    outs = []
+    with torch.inference_mode():
+        eng.model(input_ids=torch.tensor([ids[:4]]), past_key_values=cache, use_cache=True)
+        for t in ids[4:]:
+            outs.append(eng.model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("arch_name", ["qwen2_moe", "deepseek_v3"])
+def test_alpha_zero_is_bit_for_bit_exact(tiny, arch_name):
+    path = tiny(arch_name)
+    ids = torch.randint(3, 128, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    plain = moelite.load(path, expert_budget="25%")
+    plain.manager.substitute = None  # no router installed at all
+    routed = moelite.load(path, expert_budget="25%")
+    assert routed.manager.substitute is cache_router
+    want = _decode_logits(plain, ids, 0.0)
+    assert torch.equal(_decode_logits(routed, ids, 0.0), want)
+    assert routed.manager.substitutions == 0
+    # a per-token alpha of zeros is also the exact path; alpha > 0 changes something on this budget
+    assert torch.equal(_decode_logits(moelite.load(path, expert_budget="25%"), ids, torch.zeros(1)), want)
+    sub = moelite.load(path, expert_budget="25%")
+    got = _decode_logits(sub, ids, 0.6)
+    assert sub.manager.substitutions > 0 and not torch.equal(got, want)
+
+
+def test_generate_accounting_keeps_exact_hits_apart(tiny):
+    path = tiny("olmoe")
+    prompt = list(range(3, 15))
+    eng = moelite.load(path, expert_budget="25%", substitution_alpha=0.5)
+    eng.eos_ids = set()
+    pre = moelite.load(path, expert_budget="25%").generate(prompt, max_tokens=1, temperature=0).stats
+    prefill_evals = pre["expert_hits"] + pre["expert_misses"]  # prefill is exact; counted per expert group
+    g = eng.generate(prompt, max_tokens=16, temperature=0)
+    s = g.stats
+    decode_evals = 15 * len(eng.layout.layers) * eng.top_k  # batch 1: every decode step asks k per layer
+    assert s["substitution_alpha"] == 0.5 and s["expert_substitutions"] > 0
+    assert s["expert_hits"] + s["expert_misses"] + s["expert_substitutions"] == prefill_evals + decode_evals
+    # per-request override back to exact: no substitutions in that request
+    g0 = eng.generate(prompt, max_tokens=8, temperature=0, substitution_alpha=0.0)
+    assert g0.stats["expert_substitutions"] == 0 and eng.stats()["expert_substitutions"] == s["expert_substitutions"]
+
+
+def test_full_budget_never_substitutes(tiny):
+    path = tiny("qwen3_moe")
+    full = moelite.load(path, expert_budget="100%", warm_start=True)
+    full.eos_ids = set()
+    g = full.generate(list(range(3, 12)), max_tokens=12, temperature=0, substitution_alpha=0.9)
+    assert g.stats["expert_substitutions"] == 0 and g.stats["expert_misses"] == 0
