@@ -37,6 +37,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .config import check_alpha
 from .engine import Generation
 from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger("moelite.batching")
 
@@ -93,39 +94,14 @@ class Sequence:
         return self.arrival + (self.ttft_slo if self.ttft_slo is not None else 1e9)
 
 
-class _FCFS:
-    """Fallback scheduler: admit in arrival order while batch slots and the token budget last."""
-
-    def __init__(self, max_batch: int, token_budget: int):
-        self.max_batch, self.token_budget = max_batch, token_budget
-
-    def schedule(self, waiting, running, now):
-        admit, used = [], sum(s.kv_tokens for s in running)
-        for s in waiting:
-            if len(running) + len(admit) >= self.max_batch or used + s.kv_tokens > self.token_budget:
-                break
-            admit.append(s)
-            used += s.kv_tokens
-        return admit, []
-
-    def observe_prefill(self, *a):
-        pass
-
-    def observe_step(self, *a):
-        pass
-
-    def observe_finish(self, seq):
-        pass
-
-
 class Batcher:
-    def __init__(self, engine, scheduler=None, max_queue: int = 64, max_batch: int = 8,
-                 token_budget: int | None = None):
+    def __init__(self, engine, scheduler=None, max_queue: int = 64, max_batch: int = 8):
         if max_queue < 1 or max_batch < 1:
             raise ValueError(f"max_queue / max_batch: must be >= 1, got {max_queue} / {max_batch}")
         self.engine = engine
-        self.max_queue, self.max_batch = max_queue, max_batch
-        self.scheduler = scheduler or _FCFS(max_batch, token_budget or max_batch * engine.max_context)
+        self.scheduler = scheduler or Scheduler(SchedulerConfig(mode="fcfs", max_batch=max_batch),
+                                                max_context=engine.max_context)
+        self.max_queue, self.max_batch = max_queue, self.scheduler.max_batch
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self._inbox: collections.deque[Sequence] = collections.deque()

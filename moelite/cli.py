@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SUBCOMMAND_MODULES = ("moelite.bench", "moelite.evaluate", "moelite.tuner", "moelite.server", "moelite.traces")
+_SUBCOMMAND_MODULES = ("moelite.bench", "moelite.evaluate", "moelite.tuner", "moelite.server", "moelite.traces",
+                       "moelite.realshape", "moelite.predictor")
 
 
 def main(argv: list[str] | None = None) -> int:

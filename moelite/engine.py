@@ -306,6 +306,8 @@ class Engine:
             "expert_misses": c.misses,
             "expert_hit_rate": c.hits / n if n else 0.0,
             "expert_substitutions": m.substitutions,
+            "decode_hit_rate": m.decode_hits / (m.decode_hits + m.decode_misses)
+            if m.decode_hits + m.decode_misses else 0.0,
             "expert_evictions": c.evictions,
             "prefetch_issued": m.prefetch_issued,
             "prefetch_hits": m.prefetch_used,

@@ -92,6 +92,7 @@ class ExpertManager:
     prefetch_used: int = 0
     prefetch_wasted: int = 0
     decode_misses: int = 0
+    decode_hits: int = 0
     loaded_misses: int = 0
     direct_misses: int = 0
     cost_load: RunningCost = field(default_factory=RunningCost)
@@ -257,14 +258,16 @@ class ExpertManager:
         stats.misses += len(missing)
         if is_decode:
             self.decode_misses += len(missing)
+            self.decode_hits += len(resident) + len(waiting)
 
         to_load, direct = self._split_misses(layer, missing, probs)
         queue = deque(to_load)
         self._fill(layer, queue, waiting)  # start I/O before computing the resident experts
 
+        done: deque[int] = deque()  # computed slots stay shielded until the layer finishes
         for e, slot in resident:
             compute(self.pool.gate_up(slot), self.pool.down(slot), e)
-            self.cache.unpin(slot)
+            done.append(slot)
         self._fill(layer, queue, waiting)
         if is_decode and self.prefetch and not queue:
             self.prefetch_next(layer, x)  # reads for layer L+1 queue behind this layer's misses
@@ -275,15 +278,20 @@ class ExpertManager:
             compute(gate_up, down, e)
             self.cost_direct.add(time.perf_counter() - t0)
         while waiting or queue:
-            if not waiting:  # every slot is pinned by other in-flight reads: let one land first
-                self._drain_one()
+            if not waiting:  # no slot free: lift the shield of a computed expert, else let a read land
+                if done:
+                    self.cache.unpin(done.popleft())
+                else:
+                    self._drain_one()
                 self._fill(layer, queue, waiting)
                 continue
             e = waiting.pop(0)
             slot = self._finish((layer, e))
             compute(self.pool.gate_up(slot), self.pool.down(slot), e)
-            self.cache.unpin(slot)
+            done.append(slot)
             self._fill(layer, queue, waiting)
+        for slot in done:
+            self.cache.unpin(slot)
         self.loaded_misses += len(to_load)
         self.direct_misses += len(direct)
         return out

@@ -133,3 +133,39 @@ class TraceReplay:
         idx = torch.from_numpy(self.trace.idx[take][:, :k].astype(np.int64)).to(device)
         probs = torch.from_numpy(self.trace.probs[take].astype(np.float32)).to(device)
         return idx, probs
+
+
+def record(engine, prompts: list[tuple[str, str]], max_tokens: int, out: str | Path, seed: int = 0) -> Path:
+    """Generate for each (domain, prompt) with the engine, recording routing; save to `out`."""
+    rec = TraceRecorder(engine)
+    try:
+        for i, (domain, prompt) in enumerate(prompts):
+            with rec.recording(domain=domain, prompt=prompt):
+                engine.generate(prompt, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=seed + i)
+    finally:
+        rec.close()
+    return rec.save(out)
+
+
+def register_cli(sub) -> None:
+    from .cli import add_engine_flags, engine_config
+
+    p = sub.add_parser("trace", help="record a routing trace (.npz) over a prompt set")
+    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    p.add_argument("--prompts", default=None, help="prompt file (default: built-in prompts of three domains)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repeat", type=int, default=1, help="pass over the prompt set this many times")
+    p.add_argument("--out", required=True)
+    add_engine_flags(p)
+
+    def run(args) -> int:
+        from .engine import Engine
+        from .prompts import load_prompts
+
+        engine = Engine(args.model, engine_config(args), progress=False)
+        prompts = load_prompts(args.prompts) * args.repeat
+        path = record(engine, prompts, args.max_tokens, args.out)
+        print(json.dumps({"trace": str(path), "requests": len(prompts), "max_tokens": args.max_tokens}))
+        return 0
+
+    p.set_defaults(func=run)

@@ -61,14 +61,14 @@ def parse_args(argv=None):
     p.add_argument("--tokenizer-chars-per-domain", type=int, default=2_000_000,
                    help="training text per domain used to fit the BPE merges")
     # model
-    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--experts", type=int, default=64)
     p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--moe-inter", type=int, default=64)
-    p.add_argument("--shared-inter", type=int, default=256)
+    p.add_argument("--moe-inter", type=int, default=32)
+    p.add_argument("--shared-inter", type=int, default=128)
     p.add_argument("--max-positions", type=int, default=2048)
     p.add_argument("--aux-coef", type=float, default=0.01)
     p.add_argument("--norm-topk-prob", action="store_true", help="renormalise top-k weights")
@@ -83,7 +83,7 @@ def parse_args(argv=None):
     p.add_argument("--mix", default="shakespeare=0.375,python=0.375,wikipedia=0.25",
                    help="sampling weight of each domain in the training batches")
     p.add_argument("--target-tokens", type=int, default=10_500_000)
-    p.add_argument("--max-minutes", type=float, default=93.0,
+    p.add_argument("--max-minutes", type=float, default=92.0,
                    help="time budget of the training loop (tokenizer/data prep not counted)")
     p.add_argument("--ckpt-minutes", type=float, default=15.0)
     p.add_argument("--log-every", type=int, default=10)

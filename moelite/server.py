@@ -1,0 +1,721 @@
+"""OpenAI-compatible HTTP server over the continuous batcher: `moelite serve`.
+
+Contract:
+  - Routes: POST /v1/completions, POST /v1/chat/completions (`"stream": true` -> server-sent events, one
+    `data: {chunk}` per decoded piece, then `data: [DONE]`), GET /v1/models, GET /health (never needs the key;
+    503 while draining), GET /metrics (Prometheus text).
+  - Chat prompts use the tokenizer's chat template when it has one; otherwise the plain template
+        "System: ...\\nUser: ...\\nAssistant: ...\\n" + "Assistant:"   (one line per message, roles capitalised)
+    with "\\nUser:" added as a stop string so the model does not write the next user turn.
+  - Extensions to the OpenAI fields: top_k, task (a name from the scheduler's task table), ttft_ms, tpot_ms (SLO
+    targets; default from the task), substitution_alpha. finish_reason "timeout" marks a per-request timeout.
+  - Every field is validated (pydantic, strict types, no NaN/inf); bad input is a 4xx whose OpenAI-style error
+    body {"error": {"message", "type", "param", "code"}} names the field and the allowed range. 413 for bodies over
+    --max-body-bytes, 401 for a missing/wrong API key (constant-time compare; every route but /health), 429 +
+    Retry-After when the queue is full or the SLO scheduler refuses, 503 + Retry-After while draining. Error bodies
+    never carry tracebacks or paths (unexpected errors: 500 "internal error", the traceback goes to the log).
+  - One background thread (the `Batcher`) owns the engine; handlers talk to it through `submit` and a per-request
+    event queue fed with `loop.call_soon_threadsafe`. A client that disconnects cancels its sequences; they leave
+    the batch at the next step boundary.
+  - SIGTERM / SIGINT: stop admitting (new requests get 503), finish in-flight requests (up to --drain-timeout),
+    then exit 0. Binds 127.0.0.1 unless --host says otherwise (warning for a non-loopback address); CORS is off
+    unless --cors-origin is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batching import Batcher, Rejected, Sequence
+from .sampling import SamplingParams
+from .scheduler import Scheduler, SchedulerConfig, profile_engine
+
+log = logging.getLogger("moelite.server")
+PLAIN_STOP = "\nUser:"
+
+
+# ---- request schemas ----------------------------------------------------------------------------------------------
+class _Req(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model: str | None = Field(None, max_length=256)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, le=1_000_000)
+    n: int = Field(1, ge=1, le=8)
+    stream: bool = False
+    stream_options: dict[str, bool] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=0)
+    user: str | None = Field(None, max_length=256)
+    task: str | None = Field(None, max_length=64)
+    ttft_ms: float | None = Field(None, gt=0.0, le=3_600_000.0)
+    tpot_ms: float | None = Field(None, gt=0.0, le=600_000.0)
+    substitution_alpha: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class CompletionRequest(_Req):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(16, ge=1, le=1_000_000)
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = Field(None, max_length=64)
+
+
+class ChatRequest(_Req):
+    messages: list[Message] = Field(..., min_length=1, max_length=256)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: Literal[False] | None = None
+    response_format: dict[str, Literal["text"]] | None = None
+
+
+ALLOWED = {
+    "model": "the served model id (see /v1/models)", "max_tokens": "an int >= 1 with prompt + max_tokens <= context",
+    "max_completion_tokens": "an int >= 1 with prompt + max_completion_tokens <= context",
+    "temperature": "a number in [0, 2]", "top_p": "a number in (0, 1]", "top_k": "an int >= 0 (0 = off)",
+    "n": "an int in [1, 8]", "stream": "true or false", "stream_options": '{"include_usage": true|false}',
+    "stop": "a string or a list of at most 4 non-empty strings of at most 256 characters",
+    "seed": "an int in [0, 2^63)", "presence_penalty": "0 (penalties are not supported)",
+    "frequency_penalty": "0 (penalties are not supported)", "logit_bias": "null or {} (not supported)",
+    "user": "a string of at most 256 characters", "task": "a task name from the scheduler config",
+    "ttft_ms": "a number in (0, 3600000]", "tpot_ms": "a number in (0, 600000]",
+    "substitution_alpha": "a number in [0, 1)", "prompt": "a non-empty string, a list of at most 8 strings, or a "
+    "list of token ids", "echo": "false (not supported)", "logprobs": "null (not supported)",
+    "best_of": "null or 1", "suffix": "null (not supported)", "response_format": '{"type": "text"}',
+    "messages": "a list of 1 to 256 {role: system|developer|user|assistant, content: string or text parts}",
+}
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "literal"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, retry_after: float | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after, self.code = status, message, param, retry_after, code
+
+
+def _error_response(status: int, message: str, param=None, retry_after=None, code=None) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+            429: "rate_limit_error", 503: "server_unavailable"}.get(status, "invalid_request_error")
+    if status >= 500 and status != 503:
+        kind = "server_error"
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after)))} if retry_after else {}
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _parse(cls, body: bytes):
+    if not body.strip():
+        raise ApiError(400, "body: empty; send a JSON object", "body")
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as exc:
+        msgs, param = {}, None
+        for e in exc.errors():
+            if e["type"] == "json_invalid":
+                raise ApiError(400, "body: not valid JSON; send a JSON object", "body") from None
+            if e["type"] == "model_type" and not e["loc"]:
+                raise ApiError(400, "body: must be a JSON object", "body") from None
+            loc = [str(p) for p in e["loc"] if isinstance(p, int) or (str(p).isidentifier()
+                                                                      and str(p).lower() not in _TYPE_TAGS)]
+            path = ".".join(loc) or "body"
+            param = param or path
+            if path in msgs:  # a union reports each alternative: keep the first per field
+                continue
+            if e["type"] == "extra_forbidden":
+                msgs[path] = f"{path}: unknown field"
+                continue
+            allowed = ALLOWED.get(loc[0]) if loc else None
+            msgs[path] = f"{path}: {e['msg']}" + (f"; allowed: {allowed}" if allowed else "")
+        raise ApiError(400, "; ".join(list(msgs.values())[:3]), param) from None
+
+
+# ---- settings -----------------------------------------------------------------------------------------------------
+@dataclass
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model_name: str | None = None
+    max_queue: int = 64
+    request_timeout_s: float = 300.0
+    max_body_bytes: int = 1 << 20
+    cors_origins: list[str] = field(default_factory=list)
+    drain_timeout_s: float = 60.0
+    profile: bool = True
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class _Collector:
+    """Engine and batcher gauges/counters, read at scrape time."""
+
+    def __init__(self, state):
+        self.s = state
+
+    def collect(self):
+        b, eng = self.s.batcher, self.s.engine
+        c, m = eng.manager.cache, eng.manager
+        n = c.hits + c.misses
+        subs = m.substitutions  # == engine.stats()["expert_substitutions"]
+
+        def g(name, doc, v):
+            return GaugeMetricFamily(name, doc, value=v)
+
+        def ctr(name, doc, v):
+            return CounterMetricFamily(name, doc, value=v)
+        yield g("moelite_queue_depth", "requests waiting for admission", b.queue_depth())
+        yield g("moelite_running_requests", "sequences in the decode batch", len(b.running))
+        yield g("moelite_tokens_per_second", "generated tokens per second over the last 10 s", self.s.tok_rate())
+        yield ctr("moelite_generated_tokens", "generated tokens", b.tokens_generated)
+        yield ctr("moelite_decode_steps", "batched decode steps", b.steps)
+        yield g("moelite_expert_hit_rate", "expert lookups served from the cache (after substitution)",
+                c.hits / n if n else 0.0)
+        yield g("moelite_expert_exact_hit_rate", "lookups of the router's own choice served from the cache",
+                max(0, c.hits - subs) / n if n else 0.0)
+        yield g("moelite_expert_substituted_rate", "lookups replaced by a resident expert (SMoE substitution)",
+                subs / n if n else 0.0)
+        yield ctr("moelite_expert_bytes_read", "routed-expert bytes read from disk", eng.reader.bytes_read)
+        yield g("moelite_resident_expert_bytes", "bytes of routed experts resident now", c.resident_bytes)
+        yield g("moelite_expert_budget_bytes", "routed-expert memory budget", eng.budget_bytes)
+        yield g("moelite_process_rss_bytes", "resident set size of the server process", _rss_bytes())
+        yield ctr("moelite_slo_refused", "requests refused early by the SLO scheduler", b.scheduler.refused)
+        yield ctr("moelite_slo_degraded", "requests served with a raised substitution alpha", b.scheduler.degraded)
+        yield g("moelite_draining", "1 while shutting down", 1.0 if self.s.draining else 0.0)
+
+
+class _State:
+    def __init__(self, engine, settings: ServerSettings):
+        self.engine, self.settings = engine, settings
+        self.model_id = settings.model_name or engine.path.name
+        self.scheduler = Scheduler(settings.scheduler, max_context=engine.max_context)
+        self.batcher = Batcher(engine, self.scheduler, max_queue=settings.max_queue)
+        self.draining = False
+        self.inflight = 0
+        self.created = int(time.time())
+        self._samples: collections.deque = collections.deque(maxlen=64)
+        self.registry = CollectorRegistry()
+        self.registry.register(_Collector(self))
+        buckets = (.005, .01, .025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64)
+        self.ttft = Histogram("moelite_ttft_seconds", "time to first token", registry=self.registry,
+                              buckets=buckets)
+        self.tpot = Histogram("moelite_tpot_seconds", "time per output token after the first",
+                              registry=self.registry, buckets=buckets)
+        self.outcomes: collections.Counter = collections.Counter()
+        self.registry.register(_OutcomeCollector(self))
+
+    def tok_rate(self) -> float:
+        now, tok = time.monotonic(), self.batcher.tokens_generated
+        self._samples.append((now, tok))
+        old = next((s for s in self._samples if now - s[0] <= 10.0), self._samples[0])
+        return (tok - old[1]) / (now - old[0]) if now - old[0] > 0.5 else 0.0
+
+    def finished(self, endpoint: str, outcome: str, results=()) -> None:
+        self.outcomes[(endpoint, outcome)] += 1
+        for r in results:  # one observation per choice
+            if r.get("ttft_s") is not None:
+                self.ttft.observe(r["ttft_s"])
+            if r.get("tpot_s") is not None:
+                self.tpot.observe(r["tpot_s"])
+
+
+class _OutcomeCollector:
+    def __init__(self, state):
+        self.s = state
+
+    def collect(self):
+        fam = CounterMetricFamily("moelite_requests", "finished HTTP requests by endpoint and outcome",
+                                  labels=["endpoint", "outcome"])
+        for (ep, oc), v in list(self.s.outcomes.items()):
+            fam.add_metric([ep, oc], v)
+        yield fam
+
+
+# ---- prompt building ----------------------------------------------------------------------------------------------
+def _encode_text(st: _State, text: str, field_name: str, special: bool = True) -> list[int]:
+    tok = st.engine.tokenizer
+    if tok is None:
+        raise ApiError(400, f"{field_name}: this model has no tokenizer; send token ids", field_name)
+    if not text:
+        raise ApiError(400, f"{field_name}: empty; give at least one character", field_name)
+    ids = tok.encode(text, add_special_tokens=special)
+    if not ids:
+        raise ApiError(400, f"{field_name}: encodes to zero tokens", field_name)
+    return ids
+
+
+def _completion_prompts(st: _State, req: CompletionRequest) -> list[list[int]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [_encode_text(st, p, "prompt")]
+    if not p:
+        raise ApiError(400, "prompt: empty list; allowed: " + ALLOWED["prompt"], "prompt")
+    if isinstance(p[0], str):
+        if len(p) > 8:
+            raise ApiError(400, f"prompt: {len(p)} prompts; allowed: at most 8 per request", "prompt")
+        return [_encode_text(st, s, f"prompt.{i}") for i, s in enumerate(p)]
+    vocab = st.engine.hf_config.vocab_size
+    if min(p) < 0 or max(p) >= vocab:
+        raise ApiError(400, f"prompt: token ids must be in [0, {vocab})", "prompt")
+    return [list(p)]
+
+
+def _chat_prompt(st: _State, req: ChatRequest) -> tuple[list[int], bool]:
+    """-> (prompt ids, whether the plain template was used)."""
+    msgs = []
+    for i, m in enumerate(req.messages):
+        text = m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    tok = st.engine.tokenizer
+    if tok is None:
+        raise ApiError(400, "messages: this model has no tokenizer; use /v1/completions with token ids", "messages")
+    if not any(m["content"] for m in msgs):
+        raise ApiError(400, "messages: all message contents are empty", "messages")
+    if getattr(tok, "chat_template", None):
+        try:
+            out = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # jinja raises its own errors (e.g. "roles must alternate")
+            raise ApiError(400, f"messages: the model's chat template rejected them: {str(exc)[:200]}",
+                           "messages") from None
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+        return list(ids), False
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant:"
+    return _encode_text(st, text, "messages"), True
+
+
+def _check_stop(stop) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > 4 or any(not s or len(s) > 256 for s in stops):
+        raise ApiError(400, f"stop: got {len(stops)} value(s); allowed: {ALLOWED['stop']}", "stop")
+    return stops
+
+
+class _Guard:
+    """ASGI middleware: API key on every route but /health (constant-time compare); 503 for new work while draining."""
+
+    def __init__(self, app, state: "_State"):
+        self.app, self.st = app, state
+        key = state.settings.api_key
+        self.key = key.encode() if key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        resp = None
+        if self.key is not None and path != "/health":
+            got = dict(scope.get("headers") or []).get(b"authorization", b"")
+            token = got[7:] if got[:7].lower() == b"bearer " else b""
+            if not hmac.compare_digest(token, self.key):
+                resp = _error_response(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
+                                       code="invalid_api_key")
+        if resp is None and self.st.draining and path.startswith("/v1/") and scope.get("method") == "POST":
+            resp = _error_response(503, "server is shutting down; retry on another instance", retry_after=5)
+        if resp is not None:
+            return await resp(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# ---- the app ------------------------------------------------------------------------------------------------------
+def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app; starting it (lifespan) profiles the engine and starts the batcher thread."""
+    from contextlib import asynccontextmanager
+
+    settings = settings or ServerSettings()
+    st = _State(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if settings.profile:
+            prof = await asyncio.to_thread(profile_engine, st.batcher)
+            log.info("cost profile: %s", prof)
+        st.batcher.start()
+        yield
+        st.batcher.stop()
+
+    app = FastAPI(title="moelite", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.moelite = st
+    app.add_middleware(_Guard, state=st)
+    if settings.cors_origins:  # added last = outermost, so preflight requests need no key
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        ep = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}.get(request.url.path, "other")
+        st.outcomes[(ep, str(exc.status))] += 1
+        return _error_response(exc.status, exc.message, exc.param, exc.retry_after, exc.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        msg = "no such route" if exc.status_code == 404 else str(exc.detail)
+        return _error_response(exc.status_code, msg)
+
+    @app.exception_handler(Exception)
+    async def _internal(request, exc):
+        log.exception("unexpected error on %s", request.url.path)
+        return _error_response(500, "internal error")
+
+    @app.get("/health")
+    async def health():
+        body = {"status": "draining" if st.draining else "ok", "model": st.model_id,
+                "queue_depth": st.batcher.queue_depth(), "running": len(st.batcher.running)}
+        return JSONResponse(body, status_code=503 if st.draining else 200)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": st.model_id, "object": "model", "created": st.created,
+                                            "owned_by": "moelite", "max_model_len": engine.max_context}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(st.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _parse(CompletionRequest, await _read_body(request, settings.max_body_bytes))
+        prompts = _completion_prompts(st, req)
+        return await _serve(st, request, req, prompts, req.max_tokens, chat=False, extra_stop=[])
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = _parse(ChatRequest, await _read_body(request, settings.max_body_bytes))
+        ids, plain = _chat_prompt(st, req)
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        return await _serve(st, request, req, [ids], max_tokens, chat=True, extra_stop=[PLAIN_STOP] if plain else [])
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    cl = request.headers.get("content-length")
+    if cl is not None and (not cl.isdigit() or int(cl) > limit):
+        raise ApiError(413, f"body: {cl} bytes exceeds the limit of {limit} bytes", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"body: more than {limit} bytes; allowed: at most {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _sequences(st: _State, req, prompts, max_tokens, extra_stop, emit_for) -> list[Sequence]:
+    eng, ctx = st.engine, st.engine.max_context
+    if req.model is not None and req.model != st.model_id:
+        raise ApiError(404, f"model: {req.model!r} is not served here; allowed: {st.model_id!r}", "model",
+                       code="model_not_found")
+    stops = _check_stop(req.stop) + extra_stop
+    tasks = st.scheduler.config.tasks
+    if req.task is not None and req.task not in tasks:
+        raise ApiError(400, f"task: {req.task!r} is not one of {sorted(tasks)}", "task")
+    field_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    seqs = []
+    for pi, ids in enumerate(prompts):
+        if len(ids) >= ctx:
+            raise ApiError(400, f"prompt: {len(ids)} tokens; allowed: fewer than the model context of {ctx}", "prompt")
+        mt = max_tokens if max_tokens is not None else min(256, ctx - len(ids))
+        if len(ids) + mt > ctx:
+            raise ApiError(400, f"{field_name}: prompt ({len(ids)} tokens) + {field_name} ({mt}) exceeds the model "
+                                f"context of {ctx}; allowed: {field_name} <= {ctx - len(ids)}", field_name)
+        for j in range(req.n):
+            seed = None if req.seed is None else (req.seed + j) % 2**63
+            params = SamplingParams(mt, req.temperature, req.top_p, req.top_k, tuple(stops), seed)
+            alpha = eng.config.substitution_alpha if req.substitution_alpha is None else req.substitution_alpha
+            seqs.append(Sequence(ids, params, emit_for(pi * req.n + j), alpha=alpha, task=req.task or "default",
+                                 ttft_slo=req.ttft_ms / 1000 if req.ttft_ms else None,
+                                 tpot_slo=req.tpot_ms / 1000 if req.tpot_ms else None,
+                                 timeout=st.settings.request_timeout_s))
+    return seqs
+
+
+def _finish_reason(r: str) -> str:
+    return {"eos": "stop", "stop": "stop", "length": "length"}.get(r, r)
+
+
+async def _serve(st: _State, request: Request, req, prompts, max_tokens, chat: bool, extra_stop) -> Response:
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    endpoint = "chat" if chat else "completions"
+
+    def emit_for(i):
+        return lambda ev: loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+
+    seqs = _sequences(st, req, prompts, max_tokens, extra_stop, emit_for)
+    try:
+        for s in seqs:
+            st.batcher.submit(s)
+    except Rejected as r:
+        for s in seqs:
+            s.cancel()
+        raise ApiError(r.status, r.message, retry_after=r.retry_after) from None
+    st.inflight += 1
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    n_prompt = sum(len(p) for p in prompts)
+    watcher = asyncio.create_task(_watch_disconnect(request, seqs, q))
+    first: list = []
+    handed_over = False
+    try:
+        while True:  # wait for the first event: an error before any token becomes a real HTTP status
+            i, ev = await q.get()
+            if ev[0] == "disconnected":
+                st.finished(endpoint, "cancelled")
+                return Response(status_code=499)
+            if ev[0] == "error":
+                raise ApiError(ev[1], ev[2], retry_after=ev[3])
+            first.append((i, ev))  # "text" or "done"
+            break
+        if req.stream:
+            handed_over = True
+            include_usage = bool((req.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(st, endpoint, seqs, q, first, rid, created, chat, n_prompt, include_usage,
+                                          watcher),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        results: dict[int, dict] = {}
+        pending = first
+        while len(results) < len(seqs):
+            i, ev = pending.pop(0) if pending else await q.get()
+            if ev[0] == "done":
+                results[i] = ev[1]
+            elif ev[0] == "error":
+                raise ApiError(ev[1], ev[2], retry_after=ev[3])
+            elif ev[0] == "disconnected":
+                st.finished(endpoint, "cancelled")
+                return Response(status_code=499)
+        st.finished(endpoint, "200", results.values())
+        n_out = sum(r["completion_tokens"] for r in results.values())
+        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+        if chat:
+            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
+                        "finish_reason": _finish_reason(r["finish_reason"])} for i, r in sorted(results.items())]
+            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
+                                 "choices": choices, "usage": usage})
+        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": _finish_reason(r["finish_reason"])}
+                   for i, r in sorted(results.items())]
+        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": st.model_id,
+                             "choices": choices, "usage": usage})
+    finally:
+        if not handed_over:
+            watcher.cancel()
+            for s in seqs:
+                s.cancel()  # no-op for finished sequences; drops abandoned ones at the next step
+            st.inflight -= 1
+
+
+async def _watch_disconnect(request: Request, seqs, q) -> None:
+    """The body is read; the next ASGI message is http.disconnect when the client goes away."""
+    try:
+        while True:
+            msg = await request.receive()
+            if msg["type"] == "http.disconnect":
+                for s in seqs:
+                    s.cancel()
+                q.put_nowait((-1, ("disconnected",)))
+                return
+    except (asyncio.CancelledError, RuntimeError):
+        return
+
+
+def _chunk(rid, created, model, chat, i, text=None, finish=None, role=False) -> str:
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        obj = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    else:
+        choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _sse(st: _State, endpoint, seqs, q, first, rid, created, chat, n_prompt, include_usage, watcher):
+    model, n = st.model_id, len(seqs)
+    done: dict[int, dict] = {}
+    outcome = "cancelled"  # unless the stream reaches [DONE] or an error event
+    try:
+        if chat:
+            for i in range(n):
+                yield _chunk(rid, created, model, chat, i, role=True)
+        pending = list(first)
+        while len(done) < n:
+            i, ev = pending.pop(0) if pending else await q.get()
+            if ev[0] == "text":
+                yield _chunk(rid, created, model, chat, i, text=ev[1])
+            elif ev[0] == "done":
+                done[i] = ev[1]
+                yield _chunk(rid, created, model, chat, i, finish=_finish_reason(ev[1]["finish_reason"]))
+            elif ev[0] == "error":
+                outcome = str(ev[1])
+                err = {"error": {"message": ev[2], "type": "server_error" if ev[1] >= 500 else "rate_limit_error",
+                                 "param": None, "code": ev[1]}}
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+            elif ev[0] == "disconnected":
+                return
+        if include_usage and len(done) == n:
+            n_out = sum(r["completion_tokens"] for r in done.values())
+            usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+            obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+                   "model": model, "choices": [], "usage": usage}
+            yield f"data: {json.dumps(obj)}\n\n"
+        yield "data: [DONE]\n\n"
+        if len(done) == n:
+            outcome = "200"
+    finally:
+        watcher.cancel()
+        for s in seqs:
+            s.cancel()  # a client gone mid-stream: the batcher drops these at the next step boundary
+        st.finished(endpoint, outcome, done.values())
+        st.inflight -= 1
+
+
+# ---- running it ---------------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "info"):
+    import uvicorn
+
+    st: _State = app.state.moelite
+
+    class DrainingServer(uvicorn.Server):
+        """First SIGTERM/SIGINT: refuse new work (503), let in-flight requests finish, then exit 0."""
+
+        drain_deadline: float | None = None
+
+        def handle_exit(self, sig, frame):
+            if self.drain_deadline is not None:  # second signal: stop now
+                self.force_exit = self.should_exit = True
+                return
+            self.drain_deadline = time.monotonic() + settings.drain_timeout_s
+            st.draining = True
+            st.batcher.drain()
+
+        async def on_tick(self, counter: int) -> bool:
+            if await super().on_tick(counter):
+                return True
+            if self.drain_deadline is None:
+                return False
+            return (st.batcher.idle() and st.inflight == 0) or time.monotonic() > self.drain_deadline
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), access_log=False)
+    return DrainingServer(config)
+
+
+def serve(engine, settings: ServerSettings, log_level: str = "info") -> None:
+    if not is_loopback(settings.host):
+        log.warning("binding %s: the server is reachable from other machines%s", settings.host,
+                    "" if settings.api_key else " and has no API key (set --api-key or MOELITE_API_KEY)")
+    _uvicorn_server(create_app(engine, settings), settings, log_level).run()
+
+
+def register_cli(subparsers) -> None:
+    from .cli import add_engine_flags
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the embedded demo model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MOELITE_API_KEY)")
+    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
+    p.add_argument("--scheduler", choices=("slo", "fcfs"), default="slo", help="admission policy")
+    p.add_argument("--on-miss", choices=("refuse", "degrade"), default="refuse",
+                   help="a request that cannot meet its SLO: 429 early, or serve it with --degrade-alpha")
+    p.add_argument("--degrade-alpha", type=float, default=0.3)
+    p.add_argument("--slo-config", default=None, help="JSON with per-task ttft_s, tpot_s, expected_tokens")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--token-budget", type=int, default=None, help="T_max: sum of prompt+max_tokens admitted")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; default none)")
+    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--no-profile", action="store_true", help="skip the start-up cost profile")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_engine_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .cli import engine_config
+    from .engine import Engine
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    for name, v, lo in (("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
+                        ("--max-body-bytes", args.max_body_bytes, 256)):
+        if v < lo or (name == "--port" and v > 65535):
+            raise ValueError(f"{name}: {v} is out of range")
+    if not (0 < args.request_timeout <= 86400) or not (0 <= args.drain_timeout <= 3600):
+        raise ValueError("--request-timeout must be in (0, 86400] and --drain-timeout in [0, 3600] seconds")
+    kw = dict(mode=args.scheduler, on_miss=args.on_miss, degrade_alpha=args.degrade_alpha, max_batch=args.max_batch,
+              token_budget=args.token_budget)
+    sched = SchedulerConfig.load(args.slo_config, **kw) if args.slo_config else SchedulerConfig(**kw).validate()
+    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MOELITE_API_KEY")
+                              or None, model_name=args.model_name, max_queue=args.max_queue,
+                              request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                              cors_origins=args.cors_origin, drain_timeout_s=args.drain_timeout,
+                              profile=not args.no_profile, scheduler=sched)
+    engine = Engine(args.model, engine_config(args), progress=False)
+    if sched.on_miss == "degrade" and engine.manager.substitute is None:
+        log.warning("--on-miss degrade: this engine has no substitution hook; degraded requests run exact")
+    print(f"moelite: serving {settings.model_name or engine.path.name} on http://{settings.host}:{settings.port} "
+          f"(scheduler {sched.mode}, max batch {sched.max_batch}, key {'on' if settings.api_key else 'off'})",
+          file=sys.stderr, flush=True)
+    serve(engine, settings, args.log_level)
+    return 0
