@@ -91,7 +91,8 @@ def cmd_generate(args) -> int:
         "text": gen.text, "finish_reason": gen.finish_reason, "prompt_tokens": gen.prompt_tokens,
         "completion_tokens": s["completion_tokens"], "ttft_s": round(s.get("ttft_s", 0.0), 4),
         "decode_tok_s": round(s["decode_tok_s"], 2), "expert_hit_rate": round(s["expert_hit_rate"], 4),
-        "expert_bytes_read": s["expert_bytes_read"], "peak_rss_bytes": peak_rss_bytes(),
+        "expert_bytes_read": s["expert_bytes_read"], "stall_seconds": round(s["stall_seconds"], 4),
+        "expert_substitutions": s["expert_substitutions"], "peak_rss_bytes": peak_rss_bytes(),
         "expert_budget_bytes": total["expert_budget_bytes"],
         "resident_expert_bytes_peak": total["resident_expert_bytes_peak"],
     }
@@ -100,6 +101,7 @@ def cmd_generate(args) -> int:
     else:
         print(f"\n-- TTFT {summary['ttft_s'] * 1000:.0f} ms | decode {summary['decode_tok_s']:.1f} tok/s | "
               f"expert hit rate {summary['expert_hit_rate']:.1%} | read {format_bytes(s['expert_bytes_read'])} | "
+              f"stall {s['stall_seconds']:.2f} s | "
               f"peak RSS {format_bytes(summary['peak_rss_bytes'])} | budget "
               f"{format_bytes(summary['expert_budget_bytes'])}")
     return 0

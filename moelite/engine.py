@@ -148,6 +148,29 @@ class Engine:
                 ids.update(i for i in s if isinstance(i, int))
         return ids
 
+    def preload(self, experts, wait: bool = True) -> int:
+        """Read the given experts ((layer, expert) pairs, or {layer: [experts]}) into the cache ahead of use, in
+        the order given, stopping when no slot can be freed; returns how many reads were started. These reads
+        count as neither hits nor misses; a later use of a preloaded expert is an exact hit."""
+        if isinstance(experts, dict):
+            experts = [(layer, e) for layer, es in experts.items() for e in es]
+        m, started = self.manager, 0
+        with self._lock:
+            for layer, e in experts:
+                key = (int(layer), int(e))
+                if key[0] not in m.blocks or not 0 <= key[1] < self.num_experts:
+                    raise ValueError(f"preload: ({layer}, {e}) is not an expert of this model (MoE layers "
+                                     f"{self.layout.layers}, experts 0..{self.num_experts - 1})")
+                if m.cache.resident(key) or key in m.inflight:
+                    continue
+                if not m._submit(key, is_prefetch=False):
+                    break
+                started += 1
+            if wait:
+                for key in [k for k in m.inflight]:
+                    m.cache.unpin(m._finish(key))
+        return started
+
     def warm_up(self) -> None:
         """Fill free slots with experts in layer order (SMoE's warm start)."""
         cache = self.manager.cache

@@ -42,6 +42,9 @@ class LayerStats:
     prefetch_hits: int = 0
     substitutions: int = 0
     tokens: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    stall_seconds: float = 0.0
 
 
 class RunningCost:
@@ -135,6 +138,8 @@ class ExpertManager:
         slot = self.cache.acquire(key)
         self.cache.pin(slot)
         evicted = self.cache.last_evicted
+        if evicted is not None:
+            self.layer_stats.setdefault(evicted[0], LayerStats()).evictions += 1
         if evicted is not None and evicted in self.prefetched_unused:
             self.prefetched_unused.discard(evicted)
             self.prefetch_wasted += 1
@@ -162,6 +167,7 @@ class ExpertManager:
         if event is not None:
             torch.cuda.current_stream(self.pool.device).wait_event(event)
         self.stall_seconds += time.perf_counter() - t0
+        self.layer_stats.setdefault(key[0], LayerStats()).bytes_read += self.pool.layout.disk_bytes
         if not is_prefetch:
             self.cost_load.add(time.perf_counter() - t_submit)
         self.cache.commit(key, slot, count_miss=False)
@@ -221,6 +227,7 @@ class ExpertManager:
         out = torch.zeros_like(x)
         stats = self.layer_stats.setdefault(layer, LayerStats())
         stats.tokens += n_tok
+        stall_at_start = self.stall_seconds
 
         groups: dict[int, tuple[int, int]] = {}
         start = 0
@@ -275,6 +282,7 @@ class ExpertManager:
             t0 = time.perf_counter()
             gate_up, down = self._direct_weights((layer, e))
             self.stall_seconds += time.perf_counter() - t0
+            stats.bytes_read += self.pool.layout.disk_bytes
             compute(gate_up, down, e)
             self.cost_direct.add(time.perf_counter() - t0)
         while waiting or queue:
@@ -292,6 +300,7 @@ class ExpertManager:
             self._fill(layer, queue, waiting)
         for slot in done:
             self.cache.unpin(slot)
+        stats.stall_seconds += self.stall_seconds - stall_at_start
         self.loaded_misses += len(to_load)
         self.direct_misses += len(direct)
         return out

@@ -1,0 +1,255 @@
+"""The OpenAI-compatible server, through a real uvicorn on 127.0.0.1: the official openai client, the malformed-input
+matrix, API key, metrics, client disconnect, SLO refusal, SIGTERM drain."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import torch
+
+import moelite
+from moelite.scheduler import SchedulerConfig
+from moelite.server import ServerSettings, _uvicorn_server, create_app, is_loopback
+
+KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared machine
+    path = tiny("qwen2_moe", tokenizer=True)
+    eng = moelite.load(path, expert_budget="50%")
+    settings = ServerSettings(port=_free_port(), api_key=KEY, model_name="tiny", max_body_bytes=1 << 20,
+                              scheduler=SchedulerConfig(mode="slo", max_batch=8))
+    app = create_app(eng, settings)
+    srv = _uvicorn_server(app, settings, log_level="warning")
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not srv.started and time.time() - t0 < 60:
+        time.sleep(0.02)
+    assert srv.started
+    base = f"http://127.0.0.1:{settings.port}"
+    yield {"base": base, "state": app.state.moelite, "engine": eng, "path": path}
+    srv.should_exit = True
+    th.join(20)
+    torch.set_num_threads(prev)
+
+
+def _http(server, key=KEY):
+    return httpx.Client(base_url=server["base"], headers={"Authorization": f"Bearer {key}"} if key else {},
+                        timeout=60)
+
+
+def test_openai_client_completions_chat_streaming_models_key(server):
+    c = openai.OpenAI(base_url=server["base"] + "/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in c.models.list()] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens >= 1
+    eng = server["engine"]
+    ref = eng.generate("Hello", max_tokens=6, temperature=0)
+    assert r.choices[0].text == ref.text  # served through the batcher == the engine's own decode
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                     temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    # no chat template in this tokenizer: the documented plain template
+    assert chat.usage.prompt_tokens == len(eng.tokenizer.encode("User: hi\nAssistant:"))
+    pieces = [ch.choices[0].text for ch in c.completions.create(model="tiny", prompt="Hello", max_tokens=6,
+                                                               temperature=0, stream=True) if ch.choices]
+    assert "".join(pieces) == ref.text
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == chat.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    r = c.completions.create(model="tiny", prompt="ab", max_tokens=3, n=3, temperature=0.8, seed=1,
+                             extra_body={"task": "chat", "top_k": 20})
+    assert sorted(ch.index for ch in r.choices) == [0, 1, 2]
+    bad = openai.OpenAI(base_url=server["base"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="tiny", prompt="x", max_tokens=2)
+
+
+BIG = "x" * 300  # 300 byte-level tokens > the 256-token context
+
+
+MATRIX = [  # (name, body bytes or dict, path, expected status, field named in the message)
+    ("non-JSON", b"this is not json", "/v1/completions", 400, "body"),
+    ("invalid UTF-8", b'{"prompt": "\xff\xfe"}', "/v1/completions", 400, "body"),
+    ("empty body", b"", "/v1/completions", 400, "body"),
+    ("JSON array", b"[1, 2]", "/v1/completions", 400, "body"),
+    ("deeply nested", b"[" * 100000 + b"]" * 100000, "/v1/completions", 400, "body"),
+    ("NaN", b'{"prompt": "hi", "temperature": NaN}', "/v1/completions", 400, "temperature"),
+    ("Infinity", b'{"prompt": "hi", "top_p": Infinity}', "/v1/completions", 400, "top_p"),
+    ("max_tokens string", {"prompt": "hi", "max_tokens": "5"}, "/v1/completions", 400, "max_tokens"),
+    ("max_tokens float", {"prompt": "hi", "max_tokens": 5.5}, "/v1/completions", 400, "max_tokens"),
+    ("max_tokens 0", {"prompt": "hi", "max_tokens": 0}, "/v1/completions", 400, "max_tokens"),
+    ("max_tokens beyond context", {"prompt": "hi", "max_tokens": 10000}, "/v1/completions", 400, "max_tokens"),
+    ("chat max_tokens beyond context", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 300},
+     "/v1/chat/completions", 400, "max_tokens"),
+    ("temperature wrong type", {"prompt": "hi", "temperature": "hot"}, "/v1/completions", 400, "temperature"),
+    ("temperature range", {"prompt": "hi", "temperature": 3}, "/v1/completions", 400, "temperature"),
+    ("stream wrong type", {"prompt": "hi", "stream": "yes"}, "/v1/completions", 400, "stream"),
+    ("top_p 0", {"prompt": "hi", "top_p": 0}, "/v1/completions", 400, "top_p"),
+    ("top_p > 1", {"prompt": "hi", "top_p": 1.5}, "/v1/completions", 400, "top_p"),
+    ("n huge", {"prompt": "hi", "n": 100000}, "/v1/completions", 400, "n"),
+    ("n 0", {"prompt": "hi", "n": 0}, "/v1/completions", 400, "n"),
+    ("stop list huge", {"prompt": "hi", "stop": ["a"] * 10000}, "/v1/completions", 400, "stop"),
+    ("stop string huge", {"prompt": "hi", "stop": "s" * 5000}, "/v1/completions", 400, "stop"),
+    ("stop empty", {"prompt": "hi", "stop": [""]}, "/v1/completions", 400, "stop"),
+    ("empty prompt", {"prompt": ""}, "/v1/completions", 400, "prompt"),
+    ("empty prompt list", {"prompt": []}, "/v1/completions", 400, "prompt"),
+    ("prompt wrong type", {"prompt": 5}, "/v1/completions", 400, "prompt"),
+    ("prompt missing", {"max_tokens": 3}, "/v1/completions", 400, "prompt"),
+    ("prompt longer than context", {"prompt": BIG}, "/v1/completions", 400, "prompt"),
+    ("token ids out of range", {"prompt": [1, 2, 999999]}, "/v1/completions", 400, "prompt"),
+    ("many token ids", {"prompt": list(range(3, 100)) * 1000}, "/v1/completions", 400, "prompt"),
+    ("too many prompts", {"prompt": ["a"] * 20}, "/v1/completions", 400, "prompt"),
+    ("unknown field", {"prompt": "hi", "frobnicate": 1}, "/v1/completions", 400, "frobnicate"),
+    ("unknown model", {"prompt": "hi", "model": "gpt-9"}, "/v1/completions", 404, "model"),
+    ("seed negative", {"prompt": "hi", "seed": -1}, "/v1/completions", 400, "seed"),
+    ("echo", {"prompt": "hi", "echo": True}, "/v1/completions", 400, "echo"),
+    ("logprobs", {"prompt": "hi", "logprobs": 5}, "/v1/completions", 400, "logprobs"),
+    ("penalty", {"prompt": "hi", "presence_penalty": 1.0}, "/v1/completions", 400, "presence_penalty"),
+    ("ttft_ms negative", {"prompt": "hi", "ttft_ms": -5}, "/v1/completions", 400, "ttft_ms"),
+    ("alpha range", {"prompt": "hi", "substitution_alpha": 1.0}, "/v1/completions", 400, "substitution_alpha"),
+    ("unknown task", {"prompt": "hi", "task": "astrology"}, "/v1/completions", 400, "task"),
+    ("messages empty", {"messages": []}, "/v1/chat/completions", 400, "messages"),
+    ("messages wrong type", {"messages": "hi"}, "/v1/chat/completions", 400, "messages"),
+    ("bad role", {"messages": [{"role": "robot", "content": "hi"}]}, "/v1/chat/completions", 400, "messages.0.role"),
+    ("empty content", {"messages": [{"role": "user", "content": ""}]}, "/v1/chat/completions", 400, "messages"),
+    ("bad content part", {"messages": [{"role": "user", "content": [{"type": "image", "url": "x"}]}]},
+     "/v1/chat/completions", 400, "messages.0.content"),
+    ("chat prompt longer than context", {"messages": [{"role": "user", "content": BIG}]},
+     "/v1/chat/completions", 400, "prompt"),
+    ("oversized body", {"prompt": "x" * (2 << 20)}, "/v1/completions", 413, "body"),
+    ("no such route", {"prompt": "hi"}, "/v1/engines", 404, ""),
+]
+
+
+def test_malformed_input_matrix_is_4xx_then_valid_request_succeeds(server):
+    with _http(server) as h:
+        for name, body, path, status, param in MATRIX:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = h.post(path, content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == status, (name, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert param in err["message"], (name, err)
+            assert "Traceback" not in r.text and "/work" not in r.text and "/tmp" not in r.text, name
+        r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert server["state"].batcher.idle()
+
+
+def test_key_on_every_route_but_health_and_no_cors_by_default(server):
+    with _http(server, key=None) as h:
+        assert h.get("/health").status_code == 200
+        for method, path in (("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
+                             ("POST", "/v1/chat/completions")):
+            r = h.request(method, path, json={"prompt": "hi"})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
+    with _http(server) as h:
+        r = h.get("/v1/models", headers={"Origin": "http://evil.example"})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_metrics_and_slo_refusal(server):
+    with _http(server) as h:
+        r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ttft_ms": 0.001})
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert "time-to-first-token target" in r.json()["error"]["message"]
+        text = h.get("/metrics").text
+    for name in ("moelite_queue_depth", "moelite_running_requests", "moelite_tokens_per_second",
+                 "moelite_ttft_seconds_bucket", "moelite_tpot_seconds_bucket", "moelite_expert_exact_hit_rate",
+                 "moelite_expert_substituted_rate", "moelite_expert_bytes_read_total", "moelite_resident_expert_bytes",
+                 "moelite_process_rss_bytes", "moelite_slo_refused_total", "moelite_requests_total"):
+        assert name in text, name
+    assert 'moelite_requests_total{endpoint="completions",outcome="429"}' in text
+
+
+def test_client_disconnect_cancels_the_request(server):
+    st = server["state"]
+    b = st.batcher
+    before = b.tokens_generated
+    with _http(server) as h:
+        with h.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 250, "n": 4, "stream": True,
+                                                       "temperature": 0.8}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        # the connection is closed here, mid-stream
+    t0 = time.time()
+    while (b.running or not b.idle()) and time.time() - t0 < 10:
+        time.sleep(0.005)
+    assert b.running == [] and b.idle()
+    assert b.tokens_generated - before < 4 * 250  # stopped early, not decoded to the end
+    assert st.outcomes[("completions", "cancelled")] >= 1
+
+
+def test_sigterm_drains_in_flight_and_refuses_new_work(server, tmp_path):
+    port = _free_port()
+    env = dict(os.environ, MOELITE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "moelite.cli", "serve", "--model", str(server["path"]), "--port",
+                             str(port), "--no-profile", "--num-threads", "1", "--log-level", "warning",
+                             "--expert-budget", "50%"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        h = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        t0 = time.time()
+        while time.time() - t0 < 90:
+            try:
+                if h.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        got: dict = {"chunks": 0, "done": False, "finish": []}
+
+        def stream():
+            with h.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 200, "n": 4,
+                                                           "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line == "data: [DONE]":
+                        got["done"] = True
+                    elif line.startswith("data: "):
+                        got["chunks"] += 1
+                        ch = json.loads(line[6:])["choices"][0]
+                        if ch["finish_reason"]:
+                            got["finish"].append(ch["finish_reason"])
+                        time.sleep(0.002)  # a slow reader keeps the request in flight
+        th = threading.Thread(target=stream)
+        th.start()
+        while got["chunks"] < 3 and th.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        assert h.get("/health").status_code == 503
+        th.join(120)
+        assert got["done"] and got["finish"] == ["length"] * 4  # the in-flight request finished in full
+        assert proc.wait(60) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
