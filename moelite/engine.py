@@ -43,6 +43,10 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
 def _counters(engine: "Engine") -> dict:
     c = engine.manager.cache
     return {"expert_hits": c.hits, "expert_misses": c.misses, "expert_bytes_read": engine.reader.bytes_read,
@@ -67,6 +71,10 @@ class Engine:
             self.hf_config = AutoConfig.from_pretrained(str(self.path), trust_remote_code=False)
         except (ValueError, OSError, TypeError, KeyError) as exc:
             raise CheckpointError(f"config.json in {self.path.name!r} is not a valid {ckpt.model_type} config: {exc}") from exc
+        # (eMoE session) offloaded MoE blocks return no router logits; a checkpoint saved from training with
+        # output_router_logits=true (the demo model's) would make transformers compute an aux loss over an empty
+        # tuple and fail in every forward
+        self.hf_config.output_router_logits = False
         self.num_experts = adapter.num_experts(self.hf_config)
         self.top_k = adapter.top_k(self.hf_config)
         self.layout = layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
@@ -327,18 +335,15 @@ class Engine:
             "resident_expert_bytes_peak": c.resident_peak,
             "expert_hits": c.hits,
             "expert_misses": c.misses,
-            "expert_hit_rate": c.hits / n if n else 0.0,
+            "expert_hit_rate": _ratio(c.hits, n),
             "expert_substitutions": m.substitutions,
-            "decode_hit_rate": m.decode_hits / (m.decode_hits + m.decode_misses)
-            if m.decode_hits + m.decode_misses else 0.0,
+            "decode_hit_rate": _ratio(m.decode_hits, m.decode_hits + m.decode_misses),
             "expert_evictions": c.evictions,
             "prefetch_issued": m.prefetch_issued,
             "prefetch_hits": m.prefetch_used,
             "prefetch_wasted": m.prefetch_wasted,
-            "prefetch_precision": m.prefetch_used / (m.prefetch_used + m.prefetch_wasted)
-            if m.prefetch_used + m.prefetch_wasted else 0.0,
-            "prefetch_recall": m.prefetch_used / (m.prefetch_used + m.decode_misses)
-            if m.prefetch_used + m.decode_misses else 0.0,
+            "prefetch_precision": _ratio(m.prefetch_used, m.prefetch_used + m.prefetch_wasted),
+            "prefetch_recall": _ratio(m.prefetch_used, m.prefetch_used + m.decode_misses),
             "misses_loaded": m.loaded_misses,
             "misses_direct": m.direct_misses,
             "expert_bytes_read": r.bytes_read,

@@ -97,17 +97,21 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _counters(engine) -> tuple[int, int, int]:
-    c = engine.manager.cache
-    return c.hits, c.misses, engine.manager.substitutions
+def _counters(engine) -> tuple[int, ...]:
+    c, m = engine.manager.cache, engine.manager
+    return c.hits, c.misses, m.substitutions, getattr(m, "decode_hits", 0), getattr(m, "decode_misses", 0)
 
 
 def accounting(before, after) -> dict:
-    hits, misses, subs = (a - b for a, b in zip(after, before))
-    n = hits + misses + subs  # expert evaluations the exact model asked for (batch 1)
+    """Exact hits and substitutions reported apart, over all passes and over decode steps only (substitution runs in
+    decode unless substitute_in_prefill); rates are of the expert evaluations the exact model asked for (batch 1)."""
+    hits, misses, subs, d_hits, d_misses = (a - b for a, b in zip(after, before))
+    n, d = hits + misses + subs, d_hits + d_misses + subs
     return {"expert_hits": hits, "expert_misses": misses, "expert_substitutions": subs,
             "exact_hit_rate": hits / n if n else 0.0, "substituted_rate": subs / n if n else 0.0,
-            "hit_or_substituted_rate": (hits + subs) / n if n else 0.0}
+            "hit_or_substituted_rate": (hits + subs) / n if n else 0.0,
+            "decode_exact_hit_rate": d_hits / d if d else 0.0, "decode_substituted_rate": subs / d if d else 0.0,
+            "decode_hit_or_substituted_rate": (d_hits + subs) / d if d else 0.0}
 
 
 class Reference:
@@ -309,15 +313,15 @@ def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: di
 
 def sweep_table(rows: list[dict]) -> str:
     names = list(rows[0]["texts"])
-    head = ["alpha", "decode tok/s", "TPOT ms", "exact hit", "substituted", "hit+sub"]
+    head = ["alpha", "decode tok/s", "TPOT ms", "exact hit (decode)", "substituted", "hit+sub"]
     for nm in names:
         head += [f"ppl {nm}", f"ppl/exact {nm}", f"top-1 {nm}", f"KL {nm}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("speed", {})
         cells = [f"{r['alpha']:g}", f"{s.get('decode_tok_s', 0):.2f}", f"{s.get('tpot_ms', 0):.1f}",
-                 f"{s.get('exact_hit_rate', 0):.1%}", f"{s.get('substituted_rate', 0):.1%}",
-                 f"{s.get('hit_or_substituted_rate', 0):.1%}"]
+                 f"{s.get('decode_exact_hit_rate', 0):.1%}", f"{s.get('decode_substituted_rate', 0):.1%}",
+                 f"{s.get('decode_hit_or_substituted_rate', 0):.1%}"]
         for nm in names:
             t = r["texts"][nm]
             cells += [f"{t['perplexity']:.3f}", f"{t.get('perplexity_ratio', float('nan')):.4f}",
@@ -327,22 +331,47 @@ def sweep_table(rows: list[dict]) -> str:
 
 
 def sweep_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Left: decode tok/s and decode hit rates vs alpha. Right: perplexity vs alpha, relative to the exact model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     alphas = [r["alpha"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(alphas, [r.get("speed", {}).get("decode_tok_s", 0) for r in rows], "o-", color="tab:blue")
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+    sp = [r.get("speed", {}) for r in rows]
+    ax.plot(alphas, [s.get("decode_tok_s", 0) for s in sp], "o-", color="tab:blue", label="decode tok/s")
     ax.set_xlabel("substitution alpha")
     ax.set_ylabel("decode tok/s", color="tab:blue")
     ax2 = ax.twinx()
-    for name, style in zip(rows[0]["texts"], ("s--", "^--", "v--", "d--")):
-        ax2.plot(alphas, [r["texts"][name]["perplexity"] for r in rows], style, label=f"ppl {name}")
-    ax2.set_ylabel("perplexity")
-    ax2.legend(loc="upper center", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax2.plot(alphas, [100 * s.get("decode_exact_hit_rate", 0) for s in sp], "s--", color="tab:gray",
+             label="exact hit %")
+    ax2.plot(alphas, [100 * s.get("decode_hit_or_substituted_rate", 0) for s in sp], "^--", color="tab:green",
+             label="exact + substituted %")
+    ax2.set_ylabel("decode hit rate (%)")
+    ax2.set_ylim(0, 100)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower right")
+    ax.set_title("speed and hit rate", fontsize=9)
+    colors = ("tab:orange", "tab:purple", "tab:red", "tab:brown")
+    for name, color in zip(rows[0]["texts"], colors):
+        ppl = [r["texts"][name]["perplexity"] for r in rows]
+        exact = rows[0]["texts"][name].get("perplexity_exact")
+        if exact:
+            bx.plot(alphas, [100 * (p / exact - 1) for p in ppl], "o-", color=color,
+                    label=f"{name} (exact ppl {exact:.2f})")
+        else:
+            bx.plot(alphas, ppl, "o-", color=color, label=name)
+    if rows[0]["texts"] and next(iter(rows[0]["texts"].values())).get("perplexity_exact"):
+        bx.axhline(2.0, color="tab:red", lw=0.8, ls=":", label="+2%")
+        bx.set_ylabel("perplexity vs exact model (%)")
+    else:
+        bx.set_ylabel("perplexity")
+    bx.set_xlabel("substitution alpha")
+    bx.legend(fontsize=8)
+    bx.set_title("perplexity (teacher-forced decode path)", fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

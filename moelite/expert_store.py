@@ -226,6 +226,13 @@ class ExpertReader:
         _preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
         return out
 
+    def drop_file_pages(self) -> None:
+        """Drop every shard's pages from the OS page cache (after the dense weights were read at load)."""
+        if not self.drop_page_cache:
+            return
+        for path in {p.file for t in self.layout.experts.values() for p in t.parts}:
+            os.posix_fadvise(self._fd(path), 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():

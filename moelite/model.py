@@ -90,6 +90,7 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
         with torch.no_grad():
             dest.copy_(reader.read_tensor(info))
         loaded.add(target)
+    reader.drop_file_pages()
     if unexpected:
         raise CheckpointError(f"checkpoint tensors not used by the {ckpt.model_type} architecture: "
                               f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")

@@ -199,34 +199,38 @@ class _Collector:
         self.s = state
 
     def collect(self):
-        b, eng = self.s.batcher, self.s.engine
+        st = self.s
+        b, eng = st.batcher, st.engine
         c, m = eng.manager.cache, eng.manager
-        n = c.hits + c.misses
+        # expert_hits counts exact hits only; a substituted lookup is counted in substitutions (see substitution.py)
         subs = m.substitutions  # == engine.stats()["expert_substitutions"]
-
-        def g(name, doc, v):
-            return GaugeMetricFamily(name, doc, value=v)
-
-        def ctr(name, doc, v):
-            return CounterMetricFamily(name, doc, value=v)
-        yield g("moelite_queue_depth", "requests waiting for admission", b.queue_depth())
-        yield g("moelite_running_requests", "sequences in the decode batch", len(b.running))
-        yield g("moelite_tokens_per_second", "generated tokens per second over the last 10 s", self.s.tok_rate())
-        yield ctr("moelite_generated_tokens", "generated tokens", b.tokens_generated)
-        yield ctr("moelite_decode_steps", "batched decode steps", b.steps)
-        yield g("moelite_expert_hit_rate", "expert lookups served from the cache (after substitution)",
-                c.hits / n if n else 0.0)
-        yield g("moelite_expert_exact_hit_rate", "lookups of the router's own choice served from the cache",
-                max(0, c.hits - subs) / n if n else 0.0)
-        yield g("moelite_expert_substituted_rate", "lookups replaced by a resident expert (SMoE substitution)",
-                subs / n if n else 0.0)
-        yield ctr("moelite_expert_bytes_read", "routed-expert bytes read from disk", eng.reader.bytes_read)
-        yield g("moelite_resident_expert_bytes", "bytes of routed experts resident now", c.resident_bytes)
-        yield g("moelite_expert_budget_bytes", "routed-expert memory budget", eng.budget_bytes)
-        yield g("moelite_process_rss_bytes", "resident set size of the server process", _rss_bytes())
-        yield ctr("moelite_slo_refused", "requests refused early by the SLO scheduler", b.scheduler.refused)
-        yield ctr("moelite_slo_degraded", "requests served with a raised substitution alpha", b.scheduler.degraded)
-        yield g("moelite_draining", "1 while shutting down", 1.0 if self.s.draining else 0.0)
+        n = c.hits + c.misses + subs
+        rows = [  # (name, help, value, counter?)
+            ("queue_depth", "requests waiting for admission", b.queue_depth(), False),
+            ("running_requests", "sequences in the decode batch", len(b.running), False),
+            ("tokens_per_second", "generated tokens per second over the last 10 s", st.tok_rate(), False),
+            ("generated_tokens", "generated tokens", b.tokens_generated, True),
+            ("decode_steps", "batched decode steps", b.steps, True),
+            ("expert_hit_rate", "expert lookups served from the cache (exact or substituted)",
+             (c.hits + subs) / n if n else 0.0, False),
+            ("expert_exact_hit_rate", "lookups of the router's own choice served from the cache",
+             c.hits / n if n else 0.0, False),
+            ("expert_substituted_rate", "lookups replaced by a resident expert (SMoE substitution)",
+             subs / n if n else 0.0, False),
+            ("expert_bytes_read", "routed-expert bytes read from disk", eng.reader.bytes_read, True),
+            ("resident_expert_bytes", "bytes of routed experts resident now", c.resident_bytes, False),
+            ("expert_budget_bytes", "routed-expert memory budget", eng.budget_bytes, False),
+            ("process_rss_bytes", "resident set size of the server process", _rss_bytes(), False),
+            ("slo_refused", "requests refused early by the SLO scheduler", b.scheduler.refused, True),
+            ("slo_degraded", "requests served with a raised substitution alpha", b.scheduler.degraded, True),
+            ("draining", "1 while shutting down", 1.0 if st.draining else 0.0, False)]
+        for name, doc, v, is_counter in rows:
+            yield (CounterMetricFamily if is_counter else GaugeMetricFamily)("moelite_" + name, doc, value=v)
+        fam = CounterMetricFamily("moelite_requests", "finished HTTP requests by endpoint and outcome",
+                                  labels=["endpoint", "outcome"])
+        for (ep, oc), v in list(st.outcomes.items()):
+            fam.add_metric([ep, oc], v)
+        yield fam
 
 
 class _State:
@@ -239,6 +243,7 @@ class _State:
         self.inflight = 0
         self.created = int(time.time())
         self._samples: collections.deque = collections.deque(maxlen=64)
+        self.outcomes: collections.Counter = collections.Counter()  # (endpoint, outcome) -> finished requests
         self.registry = CollectorRegistry()
         self.registry.register(_Collector(self))
         buckets = (.005, .01, .025, .05, .1, .25, .5, 1, 2, 4, 8, 16, 32, 64)
@@ -246,8 +251,6 @@ class _State:
                               buckets=buckets)
         self.tpot = Histogram("moelite_tpot_seconds", "time per output token after the first",
                               registry=self.registry, buckets=buckets)
-        self.outcomes: collections.Counter = collections.Counter()
-        self.registry.register(_OutcomeCollector(self))
 
     def tok_rate(self) -> float:
         now, tok = time.monotonic(), self.batcher.tokens_generated
@@ -262,18 +265,6 @@ class _State:
                 self.ttft.observe(r["ttft_s"])
             if r.get("tpot_s") is not None:
                 self.tpot.observe(r["tpot_s"])
-
-
-class _OutcomeCollector:
-    def __init__(self, state):
-        self.s = state
-
-    def collect(self):
-        fam = CounterMetricFamily("moelite_requests", "finished HTTP requests by endpoint and outcome",
-                                  labels=["endpoint", "outcome"])
-        for (ep, oc), v in list(self.s.outcomes.items()):
-            fam.add_metric([ep, oc], v)
-        yield fam
 
 
 # ---- prompt building ----------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ token (decode): expert_hits + expert_misses + expert_substitutions = evaluations
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .arch.base import Routing
@@ -56,13 +58,64 @@ def _alpha_column(alpha, n: int, device) -> torch.Tensor:
 
 def resident_mask(manager, layer: int, n_experts: int, device) -> torch.Tensor:
     """[E] bool: which experts of `layer` sit in the cache now."""
+    return torch.tensor(_resident_list(manager, layer, n_experts), dtype=torch.bool, device=device)
+
+
+def _resident_list(manager, layer: int, n_experts: int) -> list[bool]:
     res = manager.cache.resident
-    return torch.tensor([res((layer, e)) for e in range(n_experts)], dtype=torch.bool, device=device)
+    return [res((layer, e)) for e in range(n_experts)]
 
 
 def plan(routing: Routing, k: int, alpha, resident: torch.Tensor):
     """The pure part of Algorithm 1 (no side effects): returns (new_idx [N,k], substituted [N,k] bool) or None when
-    nothing is substituted. `resident` [E] bool."""
+    nothing is substituted. `resident` [E] bool. One token (decode at batch 1) takes a list-based path: a few dozen
+    tiny tensor ops cost more than the Python on 64 numbers."""
+    if routing.probs.shape[0] == 1:
+        return _plan_one(routing, k, alpha, resident)
+    return _plan_batch(routing, k, alpha, resident)
+
+
+def _plan_one(routing: Routing, k: int, alpha, resident):
+    out = _plan_one_lists(routing, k, alpha, resident)
+    if out is None:
+        return None
+    dev = routing.idx.device
+    return (torch.tensor([out[0]], dtype=routing.idx.dtype, device=dev),
+            torch.tensor([out[1]], dtype=torch.bool, device=dev))
+
+
+def _plan_one_lists(routing: Routing, k: int, alpha, resident) -> tuple[list[int], list[bool]] | None:
+    probs, choice, idx = routing.probs, routing.choice, routing.idx  # [1,E], [1,E], [1,k]
+    e = probs.shape[1]
+    if e <= k:
+        return None
+    a = float(alpha.reshape(-1)[0]) if isinstance(alpha, torch.Tensor) else float(alpha)
+    p = probs[0].float().tolist()
+    sel = idx[0].tolist()
+    free = resident.tolist() if isinstance(resident, torch.Tensor) else resident
+    same = choice is probs
+    c = p if same else choice[0].float().tolist()
+    s = p[sorted(range(e), key=c.__getitem__, reverse=True)[k]]  # S_{k+1}: score of the expert ranked k+1
+    hi = (1 + a) * s
+    misses = sorted((p[x], j) for j, x in enumerate(sel) if not p[x] > hi and not free[x])  # lowest score first
+    if not misses:
+        return None  # (a batch of one: the top-score union is this token's own top-score experts, never missing)
+    chosen = set(sel)
+    lo = (1 - a) * s
+    cands = sorted(((p[x], x) for x in range(e) if free[x] and x not in chosen and lo < p[x] <= s
+                    and (same or (math.isfinite(c[x]) and not (c[x] == 0 and p[x] != 0)))),  # as _eligible
+                   key=lambda t: -t[0])  # highest score first (stable: lower id first on ties)
+    if not cands:
+        return None
+    new = list(sel)
+    subbed = [False] * k
+    for (_, j), (_, x) in zip(misses, cands):
+        new[j] = x
+        subbed[j] = True
+    return new, subbed
+
+
+def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor):
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [N,E], [N,E], [N,k]
     n, e = probs.shape
     if e <= k:
@@ -101,20 +154,33 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
     if not _positive(alpha):
         return routing
     k = routing.idx.shape[1]
-    resident = resident_mask(manager, layer, routing.probs.shape[1], routing.probs.device)
-    out = plan(routing, k, alpha, resident)
-    if out is None:
-        return routing
-    new_idx, substituted = out
-    n_sub = int(substituted.sum())
+    n, e = routing.probs.shape
+    if n == 1:  # decode at batch 1: lists all the way (see plan)
+        out = _plan_one_lists(routing, k, alpha, _resident_list(manager, layer, e))
+        if out is None:
+            return routing
+        new_idx = torch.tensor([out[0]], dtype=routing.idx.dtype, device=routing.idx.device)
+        n_sub = extra = sum(out[1])  # one token: every substitute is an expert it had not selected
+    else:
+        out = plan(routing, k, alpha, resident_mask(manager, layer, e, routing.probs.device))
+        if out is None:
+            return routing
+        new_idx, substituted = out
+        n_sub = int(substituted.sum())
+        # substitutes no token of the batch selected are new lookups; one another token selected is counted already
+        before = set(routing.idx.reshape(-1).tolist())
+        extra = len(set(new_idx[substituted].tolist()) - before - set(new_idx[~substituted].tolist()))
     manager.substitutions += n_sub
-    # substitutes the batch did not already select are resident: run() will count their lookups as hits; take them
-    # back so expert_hits stays exact hits (a substitute another token selected is counted once, as before)
-    before = set(routing.idx.reshape(-1).tolist())
-    extra = set(new_idx[substituted].tolist()) - before - set(new_idx[~substituted].tolist())
+    stats = manager.layer_stats.setdefault(layer, LayerStats())
+    stats.substitutions += n_sub
+    # substitutes are resident, so run() counts their lookups as hits: take those back so that expert_hits stays
+    # exact hits only
     if extra:
-        manager.cache.hits -= len(extra)
-        manager.layer_stats.setdefault(layer, LayerStats()).hits -= len(extra)
+        manager.cache.hits -= extra
+        stats.hits -= extra
+        # the hook does not see is_decode: without substitute_in_prefill it only runs in decode
+        if hasattr(manager, "decode_hits") and (not manager.substitute_in_prefill or n == 1):
+            manager.decode_hits -= extra
     adapter = _adapter_of(manager, block)
     weights = adapter.weigh(block, routing.probs, new_idx)  # [N,k] substitutes weighted by their own scores
     return Routing(routing.probs, routing.choice, new_idx, weights.to(routing.weights.dtype))

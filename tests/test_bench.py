@@ -67,7 +67,7 @@ def test_realshape_checkpoint_replays_trace(tmp_path, trace_file):
 def test_bench_cli_end_to_end(tiny, tmp_path):
     path = tiny("qwen2_moe", tokenizer=True, **CFG)
     r = subprocess.run([sys.executable, "-m", "moelite.cli", "bench", "--model", str(path), "--budgets", "25%",
-                        "--policies", "lru,score", "--n-prompts", "2", "--max-tokens", "4", "--no-prefetch",
+                        "--policies", "lru", "--n-prompts", "2", "--max-tokens", "4", "--no-prefetch",
                         "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.strip().splitlines()[-1])

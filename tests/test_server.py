@@ -225,8 +225,9 @@ def test_sigterm_drains_in_flight_and_refuses_new_work(server, tmp_path):
         got: dict = {"chunks": 0, "done": False, "finish": []}
 
         def stream():
-            with h.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 200, "n": 4,
-                                                           "stream": True}) as r:
+            # greedy on this checkpoint never samples EOS: 8 x 240 tokens keep the request in flight
+            with h.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 240, "n": 8,
+                                                           "temperature": 0, "stream": True}) as r:
                 for line in r.iter_lines():
                     if line == "data: [DONE]":
                         got["done"] = True
@@ -241,12 +242,12 @@ def test_sigterm_drains_in_flight_and_refuses_new_work(server, tmp_path):
         while got["chunks"] < 3 and th.is_alive():
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        time.sleep(0.1)
         r = h.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 503 and "retry-after" in r.headers
         assert h.get("/health").status_code == 503
         th.join(120)
-        assert got["done"] and got["finish"] == ["length"] * 4  # the in-flight request finished in full
+        assert got["done"] and got["finish"] == ["length"] * 8  # the in-flight request finished in full
         assert proc.wait(60) == 0
         assert "Traceback" not in proc.stderr.read()
     finally:

@@ -5,8 +5,17 @@ import torch
 
 import moelite
 from moelite.arch.base import Routing
-from moelite.substitution import cache_router, plan
+from moelite.substitution import _plan_batch, cache_router, plan
 
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a small shared machine two threads spin against each other and the tests crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 def reference(probs, choice, idx, alpha, resident):
     """Algorithm 1 written out token by token with Python sets (the spec the vectorised router must match)."""
@@ -42,7 +51,7 @@ def random_routing(n, e, k, seed, sharp=2.0):
     return Routing(probs, probs, idx, probs.gather(1, idx)), g
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(8))
 def test_plan_matches_reference(seed):
     n, e, k = 1 + seed % 4, 16, 4
     r, g = random_routing(n, e, k, seed, sharp=0.7)
@@ -52,15 +61,39 @@ def test_plan_matches_reference(seed):
     for alpha in alphas:
         want_idx, want_sub = reference(r.probs, r.choice, r.idx, alpha, resident)
         got = plan(r, k, alpha, resident)
+        # the one-token list path and the batched tensor path are the same algorithm
+        assert (got is None) == (_plan_batch(r, k, alpha, resident) is None)
         if got is None:
             assert not want_sub.any()
             continue
+        batch = _plan_batch(r, k, alpha, resident)
         assert torch.equal(got[0], want_idx) and torch.equal(got[1], want_sub)
+        assert torch.equal(batch[0], want_idx) and torch.equal(batch[1], want_sub)
         n_sub += int(got[1].sum())
         for i in range(n):  # each token still runs k distinct experts
             assert len(set(got[0][i].tolist())) == k
     if seed < 3:
         assert n_sub > 0, "the test data should exercise substitution"
+
+
+@pytest.mark.parametrize("mask_value", [0.0, float("-inf")])
+def test_group_limited_ranking(mask_value):
+    """DeepSeek group-limited / biased ranking: S is the best still-eligible expert's score; experts of groups the
+    architecture masked out (0 for V2, -inf for V3) never substitute, however close their score."""
+    probs = torch.tensor([[0.30, 0.20, 0.02, 0.01, 0.045, 0.048, 0.05, 0.03]])
+    choice = probs.clone()
+    choice[0, 4:6] = mask_value  # group 2 (experts 4, 5) masked
+    idx = torch.tensor([[0, 1]])
+    r = Routing(probs, choice, idx, probs.gather(1, idx))
+    resident = torch.tensor([False, False, True, True, True, True, True, True])
+    # S = 0.05 (expert 6); expert 1 (0.20) is top-score at alpha 0.5, so nothing to substitute
+    assert plan(r, 2, 0.5, resident) is None and _plan_batch(r, 2, 0.5, resident) is None
+    # expert 6 (0.05) a low-score miss: window (0.025, 0.05] holds resident 4, 5 (masked) and 7 (0.03): 7 substitutes
+    r.idx = torch.tensor([[0, 6]])
+    resident[6] = False
+    for fn in (plan, _plan_batch):
+        new, sub = fn(r, 2, 0.5, resident)
+        assert new.tolist() == [[0, 7]] and sub.tolist() == [[False, True]]
 
 
 def test_alpha_zero_changes_nothing():

@@ -121,8 +121,14 @@ def plot_loss(log_path: Path, out: Path):
     ho = [r for r in recs if any(k.startswith("heldout_ce_") for k in r)]
     fig, ax = plt.subplots(figsize=(8, 4.8))
     tok = np.array([r["tokens"] for r in tr]) / 1e6
-    ax.plot(tok, [r["train_ce"] for r in tr], color="0.6", lw=0.8, label="train (all domains)")
+    ax.plot(tok, [r["train_ce"] for r in tr], color="0.3", lw=0.9,
+            label="train (all domains; thin: per domain)")
     colors = {"shakespeare": "C3", "python": "C0", "wikipedia": "C2"}
+    for d in demo_data.DOMAINS:
+        key = f"train_ce_{d}"
+        pts = [(r["tokens"] / 1e6, r[key]) for r in tr if key in r]
+        if pts:
+            ax.plot(*zip(*pts), color=colors[d], lw=0.6, alpha=0.35)
     for d in demo_data.DOMAINS:
         key = f"heldout_ce_{d}"
         pts = [(r["tokens"] / 1e6, r[key]) for r in ho if key in r]
@@ -146,7 +152,7 @@ def plot_usage(usage: dict[str, np.ndarray], out: Path, top_k: int):
 
     doms = list(usage)
     n_layers, n_exp = usage[doms[0]].shape
-    fig, axes = plt.subplots(len(doms), 1, figsize=(11, 1.2 + 1.0 * n_layers * len(doms)), sharex=True)
+    fig, axes = plt.subplots(len(doms), 1, figsize=(11, 1.0 + 0.55 * n_layers * len(doms)), sharex=True)
     vmax = max(float(u.max()) for u in usage.values())
     for ax, d in zip(axes, doms):
         im = ax.imshow(usage[d], aspect="auto", cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
@@ -258,7 +264,7 @@ def main(argv=None):
         print(f"| {l} | " + " | ".join(cells) + f" | {fl:.4f} |")
     means = [np.mean(js[f"{a}|{b}"]) for a, b in pairs]
     print("| mean | " + " | ".join(f"{m:.3f}" for m in means)
-          + f" | {np.mean([np.mean(v) for v in floor.values()]):.4f} |")
+          + f" | {np.mean([max(floor[d][l] for d in demo_data.DOMAINS) for l in range(n_layers)]):.4f} |")
     for prompt, outs in samples.items():
         print(f"\n--- {prompt!r}\n{outs[0]}")
 
