@@ -217,8 +217,9 @@ def summarize(recs: list[dict], targets: dict, duration: float) -> dict:
         xs = sorted(xs)
         return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else None
     ok = [r for r in recs if r["outcome"] == "ok"]
-    ttft_met = sum(met(r, targets)[0] for r in recs)
-    good = sum(met(r, targets)[1] for r in recs)
+    judged = [r for r in recs if r["outcome"] != "disconnected"]  # a client that left on purpose has no SLO
+    ttft_met = sum(met(r, targets)[0] for r in judged)
+    good = sum(met(r, targets)[1] for r in judged)
     by_status: dict[str, int] = {}
     for r in recs:
         if r["outcome"] not in ("ok", "disconnected"):
@@ -227,8 +228,8 @@ def summarize(recs: list[dict], targets: dict, duration: float) -> dict:
     tpots = [r["tpot_s"] for r in ok if r["tpot_s"] is not None]
     return {"requests": len(recs), "completed": len(ok), "disconnected": sum(r["outcome"] == "disconnected"
                                                                               for r in recs),
-            "ttft_met_frac": round(ttft_met / len(recs), 4) if recs else None,
-            "slo_met_frac": round(good / len(recs), 4) if recs else None,
+            "ttft_met_frac": round(ttft_met / len(judged), 4) if judged else None,
+            "slo_met_frac": round(good / len(judged), 4) if judged else None,
             "goodput_rps": round(good / duration, 3), "throughput_rps": round(len(ok) / duration, 3),
             "ttft_p50_s": pct(ttfts, 0.5), "ttft_p99_s": pct(ttfts, 0.99), "tpot_p50_s": pct(tpots, 0.5),
             "tpot_p99_s": pct(tpots, 0.99), "errors": by_status,

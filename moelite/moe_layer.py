@@ -101,6 +101,7 @@ class ExpertManager:
     cost_load: RunningCost = field(default_factory=RunningCost)
     cost_direct: RunningCost = field(default_factory=RunningCost)
     blocks: dict = field(default_factory=dict)  # layer -> OffloadedMoEBlock (set by build_model)
+    last_x: object = None  # input [N, H] of the MoE layer now running
     next_layer: dict = field(default_factory=dict)  # layer -> next MoE layer
 
     # ---- compute ---------------------------------------------------------------------------------------------
@@ -203,9 +204,14 @@ class ExpertManager:
         nxt = self.next_layer.get(layer)
         if nxt is None:
             return
-        block = self.blocks[nxt]
-        routing = block.adapter.route(block.block, x, block.top_k)
-        for e in routing.idx.unique().tolist():
+        if self.replay is not None:  # replayed routing: the recorded model's own next-layer prediction
+            pred = self.replay.predicted(layer, nxt)
+            if pred is None:
+                return
+        else:
+            block = self.blocks[nxt]
+            pred = block.adapter.route(block.block, x, block.top_k).idx  # [N, k]
+        for e in pred.unique().tolist():
             key = (nxt, e)
             if self.cache.resident(key) or key in self.inflight:
                 continue
@@ -344,6 +350,7 @@ class OffloadedMoEBlock(nn.Module):
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]
         m = self.manager
+        m.last_x = x  # observers (trace recorder) may predict the next layer from it
         if m.replay is not None:
             idx, probs = m.replay.route(self.layer, x.shape[0], self.top_k, x.device)  # idx [N, k], probs [N, E]
             routing = Routing(probs, probs, idx, self.adapter.weigh(self.block, probs, idx))

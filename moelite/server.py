@@ -450,6 +450,8 @@ def _sequences(st: _State, req, prompts, max_tokens, extra_stop, emit_for) -> li
     if req.task is not None and req.task not in tasks:
         raise ApiError(400, f"task: {req.task!r} is not one of {sorted(tasks)}", "task")
     field_name = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    if len(prompts) * req.n > 16:
+        raise ApiError(400, f"n: {len(prompts)} prompts x n={req.n} choices; allowed: at most 16 per request", "n")
     seqs = []
     for pi, ids in enumerate(prompts):
         if len(ids) >= ctx:

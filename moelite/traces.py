@@ -32,7 +32,8 @@ class TraceRecorder:
         self.request = -1
         self.requests: list[dict] = []
         self._step_of_layer: dict[int, int] = {}
-        self.rows: dict[str, list] = {"request": [], "step": [], "layer": [], "token": [], "idx": [], "probs": []}
+        self.rows: dict[str, list] = {"request": [], "step": [], "layer": [], "token": [], "idx": [], "probs": [],
+                                      "pred": []}
         engine.manager.observers.append(self._observe)
 
     @contextmanager
@@ -58,6 +59,15 @@ class TraceRecorder:
         self.rows["token"].append(np.arange(n, dtype=np.int32))
         self.rows["idx"].append(routing.idx.detach().cpu().numpy().astype(np.int16))
         self.rows["probs"].append(routing.probs.detach().float().cpu().numpy().astype(np.float16))
+        # the next MoE layer's experts as predicted from this layer's input (what prefetch would read)
+        m = self.engine.manager
+        nxt = m.next_layer.get(layer)
+        if nxt is not None and m.last_x is not None and m.last_x.shape[0] == n:
+            blk = m.blocks[nxt]
+            pred = blk.adapter.route(blk.block, m.last_x, blk.top_k).idx.cpu().numpy().astype(np.int16)
+        else:
+            pred = np.full(routing.idx.shape, -1, np.int16)
+        self.rows["pred"].append(pred)
 
     def close(self) -> None:
         if self._observe in self.engine.manager.observers:
@@ -84,6 +94,7 @@ class Trace:
     token: np.ndarray  # [M]
     idx: np.ndarray  # [M, k]
     probs: np.ndarray  # [M, E] float16
+    pred: np.ndarray | None = None  # [M, k] next layer's experts predicted from this layer's input (-1: none)
 
     @classmethod
     def load(cls, path: str | Path) -> "Trace":
@@ -93,7 +104,8 @@ class Trace:
         try:
             z = np.load(path, allow_pickle=False)
             meta = json.loads(str(z["meta"]))
-            return cls(meta, z["request"], z["step"], z["layer"], z["token"], z["idx"], z["probs"])
+            pred = z["pred"] if "pred" in z.files else None
+            return cls(meta, z["request"], z["step"], z["layer"], z["token"], z["idx"], z["probs"], pred)
         except (KeyError, ValueError, OSError) as exc:
             raise ValueError(f"trace: {path.name!r} is not a moelite trace (.npz with meta, idx, probs): {exc}") from exc
 
@@ -125,10 +137,24 @@ class TraceReplay:
         self.map = {ml: rec_layers[i % len(rec_layers)] for i, ml in enumerate(model_layers)}
         self.trace = trace
         self.pos = {ml: 0 for ml in model_layers}
+        self.last: dict[int, np.ndarray] = {}
+        self.rec_next = {r: (rec_layers[i + 1] if i + 1 < len(rec_layers) else None) for i, r in enumerate(rec_layers)}
+
+    def predicted(self, layer: int, next_layer: int) -> torch.Tensor | None:
+        """The recorded model's prediction, for the rows just replayed at `layer`, of the next layer's experts;
+        None where the model's next layer does not map to the recorded next layer (wrap-around) or none was kept."""
+        take = self.last.get(layer)
+        if take is None or self.trace.pred is None or self.rec_next[self.map[layer]] != self.map[next_layer]:
+            return None
+        pred = self.trace.pred[take]
+        if (pred < 0).any():
+            return None
+        return torch.from_numpy(pred.astype(np.int64))
 
     def route(self, layer: int, n_tokens: int, k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[self.map[layer]]
         take = rows[(self.pos[layer] + np.arange(n_tokens)) % len(rows)]
+        self.last[layer] = take
         self.pos[layer] += n_tokens
         idx = torch.from_numpy(self.trace.idx[take][:, :k].astype(np.int64)).to(device)
         probs = torch.from_numpy(self.trace.probs[take].astype(np.float32)).to(device)

@@ -71,3 +71,18 @@ def test_trace_record_load_and_replay(tiny, tmp_path):
         eng2.generate([5, 9, 14], max_tokens=6, temperature=0)
     first = tr.request == 0
     assert np.array_equal(np.concatenate(rec2.rows["idx"]), tr.idx[first])
+
+
+def test_replay_prefetch_uses_recorded_predictions(tiny, tmp_path):
+    path = tiny("qwen2_moe", **CFG)
+    eng = moelite.load(path, expert_budget="100%")
+    rec = TraceRecorder(eng)
+    with rec.recording(prompt="a"):
+        eng.generate([5, 9, 14], max_tokens=10, temperature=0)
+    tr = Trace.load(rec.save(tmp_path / "t.npz"))
+    assert tr.pred is not None and (tr.pred[tr.layer == max(tr.layers)] == -1).all()
+    assert (tr.pred[tr.layer == min(tr.layers)] >= 0).all()
+    eng2 = moelite.load(path, expert_budget="25%", prefetch=True)
+    eng2.manager.replay = TraceReplay(tr, eng2.layout.layers, decode_only=True)
+    eng2.generate([5, 9, 14], max_tokens=10, temperature=0)
+    assert eng2.stats()["prefetch_issued"] > 0
