@@ -35,8 +35,8 @@ sys.path.insert(0, str(REPO))
 
 import moelite  # noqa: E402
 from moelite.evaluate import decode_logprobs  # noqa: E402
-from moelite.predictor import (APredictor, GRUPredictor, Preloader, RecentMean, TaskFrequency,  # noqa: E402
-                               compare_predictors, requests_from_trace, table)
+from moelite.predictor import (APredictor, GRUPredictor, Preloader, PreviousPrompt, RecentMean,  # noqa: E402
+                               TaskFrequency, compare_predictors, make_resident, requests_from_trace, table)
 from moelite.tasks import (TASKS, TaskClassifier, accuracy, corpus_prompts, corpus_text, greedy,  # noqa: E402
                            mixed_stream, plan_preload, profile_sensitivity, reroute_to_resident, routing_override,
                            similarity)
@@ -109,7 +109,7 @@ def part_profile(args, out: Path) -> dict:
 def fitted(out: Path, name: str) -> APredictor:
     train = requests_from_trace(Trace.load(out / "trace_train.npz"))
     pred = {"task-frequency": TaskFrequency(), "recent-mean": RecentMean(), "gru": GRUPredictor(False),
-            "gru+task": GRUPredictor(True)}[name]
+            "gru+task": GRUPredictor(True), "previous-prompt": PreviousPrompt()}[name]
     return pred.fit(train)
 
 
@@ -119,14 +119,20 @@ def out_tokens(out: Path) -> dict:
     return {t: float(np.mean([len(r.tokens[0]) - r.prompt_tokens for r in reqs if r.task == t])) for t in TASKS}
 
 
-def summarise(eng, pl, rows: list[dict], pred) -> dict:
+def summarise(eng, pl, rows: list[dict], pred, label: str) -> dict:
     s = pl.stats()
     ph, pm = sum(r["prefill_hits"] for r in rows), sum(r["prefill_misses"] for r in rows)  # engine counters
     pre = np.sum([r["routed"]["prefill"] for r in rows], axis=0)  # as routed, before any rerouting
     dec = np.sum([r["routed"]["decode"] for r in rows], axis=0)
     req_s = sum(r["request_s"] for r in rows)
+    # exact-mode ceiling of the prefill hit rate: a layer's forward can hit at most `slots` of the d experts it needs
+    need = np.concatenate([(r.prefill > 0).sum(1) for r in pl.history[-len(rows):]])
+    n_l = len(eng.layout.layers)
+    per = eng.pool.n_slots // n_l if s["scope"] == "layer" else eng.pool.n_slots / n_l
     return {
-        "mode": pl.mode + ("+reroute" if pl.reroute else ""), "predictor": getattr(pred, "name", None),
+        "prefill_hit_rate_ceiling": float(np.minimum(per, need).sum() / need.sum()),
+        "prefill_distinct_experts_per_layer": float(need.mean()),
+        "mode": label, "predictor": getattr(pred, "name", None), "keep": pl.keep, "fill": pl.slots,
         "requests": len(rows), "prefill_hit_rate": pre[0] / max(pre[0] + pre[1], 1),
         "prefill_selection_hit_rate": pre[2] / max(pre[2] + pre[3], 1),
         "prefill_hit_rate_engine_counters": ph / (ph + pm) if ph + pm else 0.0,
@@ -139,29 +145,34 @@ def summarise(eng, pl, rows: list[dict], pred) -> dict:
         "predictor_calls": s["predictor_calls"], "predict_s": s["predict_s"], "classify_s": s["classify_s"],
         "plan_s": s["plan_s"], "preload_s": s["preload_s"],
         "predictor_cost_share": s["predict_s"] / req_s if req_s else 0.0,
-        "prediction_overhead_share": (s["predict_s"] + s["classify_s"] + s["plan_s"]) / req_s if req_s else 0.0,
+        "observe_s": s["observe_s"], "account_s_measurement_only": s["account_s"],
+        "prediction_overhead_share": (s["predict_s"] + s["classify_s"] + s["plan_s"] + s["observe_s"]) / req_s
+        if req_s else 0.0,
         "substitutions": eng.manager.substitutions, "slots_per_plan": s["slots"], "scope": s["scope"],
     }
 
 
 def run_arms(args, stream, arms: list[tuple], sens=None, wo=None) -> tuple[list[dict], dict]:
-    """All arms in lockstep (request i on every arm before request i+1), so load from other processes on the
-    shared machine hits every arm alike; each arm has its own engine and cache."""
+    """arms: (label, mode, predictor, Preloader overrides). All arms run in lockstep (request i on every arm, in a
+    rotating order, before request i+1), so load from other processes on the shared machine hits every arm alike;
+    each arm has its own engine and cache."""
     live = []
-    for mode, pred, reroute in arms:
+    for label, mode, pred, kw in arms:
         eng = load(args)
-        live.append((eng, Preloader(eng, mode, pred, period=args.period, sensitivity=sens, out_tokens=wo,
-                                    reroute=reroute), pred, [], []))
+        opts = dict(period=args.period, sensitivity=sens, out_tokens=wo, keep=args.keep, fill=args.fill)
+        opts.update(kw)
+        live.append((label, eng, Preloader(eng, mode, pred, **opts), pred, [], []))
     for i, (task, prompt) in enumerate(stream):
-        for eng, pl, _, rows, outs in live:
+        for j in range(len(live)):
+            label, eng, pl, _, rows, outs = live[(i + j) % len(live)]
             g = pl.generate(prompt, max_tokens=args.max_tokens, temperature=0)
             rows.append(g.stats)
             outs.append(g.token_ids)
     res, outs = [], {}
-    for eng, pl, pred, rows, o in live:
+    for label, eng, pl, pred, rows, o in live:
         pl.close()
-        res.append(summarise(eng, pl, rows, pred))
-        outs[res[-1]["mode"]] = o
+        res.append(summarise(eng, pl, rows, pred, label))
+        outs[label] = o
         eng.close()
         print(json.dumps(res[-1]), flush=True)
     return res, outs
@@ -170,14 +181,17 @@ def run_arms(args, stream, arms: list[tuple], sens=None, wo=None) -> tuple[list[
 def part_stream(args, out: Path, prof: dict | None, pred_res: dict | None) -> dict:
     by_task = prompts(args, "test", args.stream_per_task, seed=3)
     stream = mixed_stream(by_task, args.stream, run_len=(args.run_min, args.run_max), seed=4)
-    a_name = (pred_res or {}).get("winner_A", "task-frequency")
-    task_name = a_name if a_name in ("task-frequency", "gru+task") else "task-frequency"
-    plain_name = a_name if a_name in ("recent-mean", "gru") else "recent-mean"
+    acc = {n: m["topk_accuracy"] for n, m in (pred_res or {}).get("A", {}).items()}
+    best = lambda names, dflt: max(names, key=lambda n: acc.get(n, -1)) if acc else dflt  # noqa: E731
+    task_name = best(("task-frequency", "gru+task"), "task-frequency")  # held-out winners, task-aware or not
+    plain_name = best(("previous-prompt", "recent-mean", "gru"), "recent-mean")
     plain, task_pred = fitted(out, plain_name), fitted(out, task_name)
     sens = {t: v["s"] for t, v in prof["tasks"].items()} if prof else None
     wo = out_tokens(out)
-    arms, outs = run_arms(args, stream, [("none", None, False), ("every", plain, False), ("periodic", plain, False),
-                                         ("task", task_pred, False), ("task", task_pred, True)], sens, wo)
+    arms, outs = run_arms(args, stream, [
+        ("none", "none", None, {}), ("every", "every", plain, {}), ("periodic", "periodic", plain, {}),
+        ("task", "task", task_pred, {}), ("task/shield-only", "task", task_pred, dict(keep=False, fill=1.0)),
+        ("task+reroute", "task", task_pred, dict(reroute=True))], sens, wo)
     ref = outs["none"]
     for a in arms:
         sims = [similarity(r, g) for r, g in zip(ref, outs[a["mode"]])]
@@ -190,12 +204,18 @@ def part_stream(args, out: Path, prof: dict | None, pred_res: dict | None) -> di
         a["prefill_selection_hit_rate_vs_none"] = (a["prefill_selection_hit_rate"] / base["prefill_selection_hit_rate"]
                                                    if base["prefill_selection_hit_rate"] else 0.0)
         a["ttft_vs_none"] = a["ttft_ms"] / base["ttft_ms"] if base["ttft_ms"] else 0.0
-    head = ("| arm | predictor | prefill hit | x none | prefill hit by selections | x none | decode hit | TTFT ms (mean / median) | prefill-only TTFT ms | "
-            "request ms | preload reads | all reads | predictor calls | predictor cost | overhead incl. classifier "
-            "| identical outputs | n-gram F1 |")
+    # every predictor's measured call cost (predictors part) as a share of the mean request time, at p and p = 1
+    req_ms = base["request_ms"]
+    cost = {f"eMoE-{v}/{n}": {"call_ms": m["call_ms"], "share_at_p": m["call_ms"] / (args.period * req_ms),
+                              "share_every_prompt": m["call_ms"] / req_ms}
+            for v in ("A", "L") for n, m in (pred_res or {}).get(v, {}).items()}
+    head = ("| arm | predictor | prefill hit | ceiling | x none | prefill hit by selections | x none | decode hit | TTFT ms (mean / median) | prefill-only TTFT ms | "
+            "request ms | preload reads | all reads | predictor calls | predictor cost | all prediction overhead "
+            "| identical outputs | n-gram F1 |")  # overhead: classifier + predictor + planning + routing observer
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for a in arms:
         lines.append(f"| {a['mode']} | {a['predictor'] or '-'} | {a['prefill_hit_rate']:.1%} | "
+                     f"{a['prefill_hit_rate_ceiling']:.1%} | "
                      f"{a['prefill_hit_rate_vs_none']:.2f} | {a['prefill_selection_hit_rate']:.1%} | "
                      f"{a['prefill_selection_hit_rate_vs_none']:.2f} | {a['decode_hit_rate']:.1%} | {a['ttft_ms']:.1f} / "
                      f"{a['ttft_ms_median']:.1f} | {a['prefill_only_ttft_ms']:.1f} | {a['request_ms']:.1f} | "
@@ -205,10 +225,19 @@ def part_stream(args, out: Path, prof: dict | None, pred_res: dict | None) -> di
     runs = "".join(t[0][0] for t in stream)
     md = (f"Mixed-domain stream: {len(stream)} held-out prompts in runs of {args.run_min}-{args.run_max} "
           f"(s=shakespeare, p=python, w=wiki: `{runs}`), budget {args.budget}, cache_scope {args.scope}, "
-          f"{args.policy}, {args.max_tokens} greedy tokens, period p = {args.period}.\n\n" + "\n".join(lines) + "\n")
+          f"{args.policy}, {args.max_tokens} greedy tokens, period p = {args.period}, predicted set "
+          f"{'kept pinned' if args.keep else 'shielded until used'} in {args.fill:.0%} of the slots; arms run in "
+          "lockstep (each request on every arm, rotating order); TTFT = arrival to first token (classifier, "
+          "predictor, planning and expert reads included).\n\n" + "\n".join(lines) + "\n")
+    if cost:
+        md += (f"\nPredictor cost per invocation (measured in the predictors part) as a share of the mean request time "
+               f"({req_ms:.1f} ms, no-prediction arm):\n\n| predictor | ms per call | share at p = {args.period} | "
+               "share every prompt |\n|---|---|---|---|\n" +
+               "".join(f"| {n} | {c['call_ms']:.3f} | {c['share_at_p']:.4%} | {c['share_every_prompt']:.3%} |\n"
+                       for n, c in cost.items()))
     (out / "stream.md").write_text(md)
     print(md, flush=True)
-    return {"arms": arms, "stream_tasks": runs}
+    return {"arms": arms, "stream_tasks": runs, "predictor_cost": cost}
 
 
 def part_curve(args, out: Path) -> dict:
@@ -233,7 +262,7 @@ def part_curve(args, out: Path) -> dict:
             for t in TASKS:
                 f = pred.predict([], t) if kind == "predicted" else rng.random((len(layers), eng.num_experts))
                 keys = [(layers[p], e) for p, e in plan_preload(f, per, "layer")]
-                eng.preload(keys)
+                make_resident(eng, keys)
                 with routing_override(eng, reroute_to_resident):
                     for ref, p in zip(refs[t], by_task[t]):
                         s = similarity(ref, greedy(eng, p, args.curve_tokens, alpha=routing_override.ON))
@@ -258,7 +287,7 @@ def part_curve(args, out: Path) -> dict:
         lines.append(f"| {r['experts_loaded_pct']:g}% | {r['resident_set']} | {r['per_layer']} | {r['ngram_f1']:.3f} | "
                      f"{r['token_agreement']:.3f} | {r['teacher_forced_top1_agreement']:.3f} | {r['perplexity']:.2f} | "
                      f"{r['perplexity_exact']:.2f} |")
-    cmd = "nice -n 10 python benchmarks/emoe_stream.py --parts curve " + " ".join(sys.argv[1:])
+    cmd = "nice -n 10 python benchmarks/emoe_stream.py " + " ".join(sys.argv[1:])
     md = (f"Memory/quality trade-off (lossy mode: the top experts per layer predicted for the prompt's task are "
           f"resident, every other selection is rerouted to the next-ranked resident expert; prefill and decode). "
           f"{args.curve_prompts} held-out prompts per task x {args.curve_tokens} greedy tokens vs the full model; "
@@ -310,7 +339,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "emoe"))
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     p.add_argument("--budget", default="40%")
-    p.add_argument("--scope", default="layer", choices=("layer", "global"))
+    p.add_argument("--scope", default="global", choices=("layer", "global"), help="cache_scope of every engine")
+    p.add_argument("--keep", action=argparse.BooleanOptionalAction, default=True,
+                   help="predicted set stays pinned across requests (else shielded only until its layer's prefill)")
+    p.add_argument("--fill", type=float, default=0.6, help="share of the slots the predicted set may take")
     p.add_argument("--policy", default="lru")
     p.add_argument("--period", type=int, default=40)
     p.add_argument("--prompt-chars", type=int, default=200)
@@ -373,8 +405,11 @@ def headline(r: dict) -> dict:
             h[f"{m}_ttft_ms"] = round(a["ttft_ms"], 2)
         if "task" in arms:
             h["task_vs_none_prefill_hit"] = round(arms["task"]["prefill_hit_rate_vs_none"], 2)
-        if "periodic" in arms:
-            h["predictor_cost_share_p"] = round(arms["task"]["predictor_cost_share"], 5)
+        if "task" in arms:
+            h["ttft_task_vs_none"] = round(arms["task"]["ttft_vs_none"], 3)
+        for m in ("every", "periodic", "task"):
+            if m in arms:
+                h[f"{m}_predictor_cost_share"] = round(arms[m]["predictor_cost_share"], 6)
     if "curve" in r:
         h["curve"] = {f"{x['experts_loaded_pct']:g}%": round(x["ngram_f1"], 3) for x in r["curve"]["rows"]
                       if x["resident_set"] == "predicted"}

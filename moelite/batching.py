@@ -141,10 +141,6 @@ class Batcher:
         with self._cv:
             return not self._inbox and not self.waiting and not self.running and not self.busy
 
-    def wake(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
-
     def drain(self) -> None:
         with self._cv:
             self.draining = True
@@ -355,7 +351,8 @@ def batch_generate(engine, prompts: list, max_tokens: int = 64, temperature: flo
     """Generate continuations of several prompts in one continuous batch (synchronously, in this thread).
 
     `substitution_alpha` may be one value or one per prompt."""
-    alphas = substitution_alpha if isinstance(substitution_alpha, (list, tuple)) else [substitution_alpha] * len(prompts)
+    alphas = substitution_alpha if isinstance(substitution_alpha, (list, tuple)) \
+        else [substitution_alpha] * len(prompts)
     if len(alphas) != len(prompts):
         raise ValueError(f"substitution_alpha: {len(alphas)} values for {len(prompts)} prompts")
     b = Batcher(engine, max_queue=max(1, len(prompts)), max_batch=max_batch or max(1, len(prompts)))

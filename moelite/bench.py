@@ -71,6 +71,8 @@ def worker(spec: dict) -> dict:
     if engine.tokenizer is None:  # e.g. a real-shape checkpoint without tokenizer files: bytes as token ids
         vocab = engine.hf_config.vocab_size
         prompts = [(d, [3 + b % (vocab - 3) for b in p.encode()][:128]) for d, p in prompts]
+    if spec.get("prompt_tokens"):  # decode-focused runs: a short prompt keeps prefill from reading every expert
+        prompts = [(d, (engine.encode(p) if isinstance(p, str) else p)[: spec["prompt_tokens"]]) for d, p in prompts]
     for i, (domain, prompt) in enumerate(prompts):
         if rec is not None:
             with rec.recording(domain=domain, prompt=prompt):
@@ -164,6 +166,7 @@ def run_bench(args) -> dict:
     base_engine = {"device": "cpu", "expert_dtype": args.expert_dtype, "io_threads": args.io_threads,
                    "cache_policy": "lru"}
     common = {"model": model, "prompts": args.prompts, "n_prompts": args.n_prompts, "max_tokens": args.max_tokens,
+              "prompt_tokens": args.prompt_tokens,
               "replay": str(Path(args.replay).resolve()) if args.replay else None, "threads": args.threads}
     cap = MemoryCap(int(parse_budget(args.cgroup_mem)[1]) if args.cgroup_mem else None)
     print(f"# {cap.note}", flush=True)
@@ -183,8 +186,8 @@ def run_bench(args) -> dict:
         return res
 
     print(_header(), flush=True)
-    # the upper bound holds every expert, so it runs without the cap (it would not fit under it)
-    go("all-resident", "lru", "100%", uncapped=True, warm_start=True)
+    if args.upper_bound:  # holds every expert, so it runs without the cap (it would not fit under it)
+        go("all-resident", "lru", "100%", uncapped=True, warm_start=True)
     go("on-demand", "lru", budgets[0], miss_policy="direct")
     for b in budgets:
         for p in policies:
@@ -211,6 +214,7 @@ def run_bench(args) -> dict:
     _plots(rows, budgets, out)
     best = _summary(rows, budgets)
     result["summary"] = best
+    (out / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -232,6 +236,8 @@ def _row(r: dict) -> str:
 
 
 def _summary(rows, budgets) -> dict:
+    """Per budget: the fastest online configuration, its speed-up over on-demand loading, the best demand-only hit
+    rate (prefetch excluded: Belady bounds demand caching) against Belady's, and prefetch's effect on stalls."""
     ok = [r for r in rows if r.get("survived") and not r.get("simulated")]
     demand = next((r for r in ok if r["kind"] == "on-demand"), None)
     out = {"budget_never_exceeded": all(r["resident_expert_bytes_peak"] <= r["expert_budget_bytes"] for r in ok)}
@@ -240,13 +246,25 @@ def _summary(rows, budgets) -> dict:
         if not online:
             continue
         best = max(online, key=lambda r: r["decode_tok_s"])
+        plain = [r for r in online if not r["prefetch"]]
         bel = next((r for r in rows if r["kind"].startswith("belady") and r["budget"] == b), None)
-        best_hit = max(r["expert_hit_rate"] for r in online)
-        out[b] = {"best": f"{best['policy']}{'+prefetch' if best['prefetch'] else ''}",
-                  "best_decode_tok_s": best["decode_tok_s"],
-                  "speedup_vs_on_demand": best["decode_tok_s"] / demand["decode_tok_s"] if demand and demand["decode_tok_s"] else None,
-                  "best_online_hit_rate": best_hit,
-                  "belady_hit_rate": bel["expert_hit_rate"] if bel else None}
+        hit = {r["policy"]: r["expert_hit_rate"] for r in plain}
+        entry = {"best": f"{best['policy']}{'+prefetch' if best['prefetch'] else ''}",
+                 "best_decode_tok_s": best["decode_tok_s"],
+                 "speedup_vs_on_demand": best["decode_tok_s"] / demand["decode_tok_s"]
+                 if demand and demand["decode_tok_s"] else None,
+                 "hit_rate_by_policy": hit,
+                 "best_online_hit_rate": max(hit.values()) if hit else None,
+                 "belady_hit_rate": bel["expert_hit_rate"] if bel else None}
+        for r in online:
+            if r["prefetch"]:
+                base = next((q for q in plain if q["policy"] == r["policy"]), None)
+                entry["prefetch"] = {"policy": r["policy"], "stall_s": r["stall_seconds"],
+                                     "stall_s_without": base["stall_seconds"] if base else None,
+                                     "precision": r["prefetch_precision"], "recall": r["prefetch_recall"],
+                                     "hit_rate_incl_prefetched": r["expert_hit_rate"],
+                                     "decode_tok_s": r["decode_tok_s"]}
+        out[b] = entry
     return out
 
 
@@ -298,6 +316,9 @@ def register_cli(sub) -> None:
     p.add_argument("--prompts", default=None, help="prompt file (default: built-in three-domain prompts)")
     p.add_argument("--n-prompts", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=None, help="truncate prompts to this many tokens")
+    p.add_argument("--upper-bound", action=argparse_bool(), default=True,
+                   help="also run all experts resident (uncapped, warm) as the upper bound")
     p.add_argument("--replay", default=None, help="routing trace (.npz) to replay (real-shape checkpoints)")
     p.add_argument("--expert-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--io-threads", type=int, default=2)
@@ -305,11 +326,22 @@ def register_cli(sub) -> None:
     p.add_argument("--cgroup-mem", default=None, help="run every configuration inside a memory cgroup of this size")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     p.add_argument("--out", default="bench-out")
+    p.add_argument("--summarize", default=None, metavar="RESULTS_JSON",
+                   help="only re-summarise an earlier run's results.json (no configurations are run)")
 
     def run(args) -> int:
-        result = run_bench(args)
+        if args.summarize:  # re-read a results.json: table, plots and summary line without re-running
+            result = json.loads(Path(args.summarize).read_text())
+            budgets = sorted({r["budget"] for r in result["rows"] if r["kind"] != "all-resident"}, key=str)
+            for r in result["rows"]:
+                print(_row(r))
+            _plots(result["rows"], budgets, Path(args.summarize).parent)
+            result["summary"] = _summary(result["rows"], budgets)
+            Path(args.summarize).write_text(json.dumps(result, indent=1))
+        else:
+            result = run_bench(args)
         print(json.dumps({"summary": result["summary"], "hardware": result["hardware"], "cap": result["cap"],
-                          "out": str(Path(args.out) / "results.json")}))
+                          "out": str(Path(args.summarize) if args.summarize else Path(args.out) / "results.json")}))
         return 0
 
     p.set_defaults(func=run)

@@ -21,6 +21,7 @@ Data: `--data-dir` defaults to ../shared/data next to the repository when it exi
 from __future__ import annotations
 
 import bz2
+import gc
 import json
 import math
 import sys
@@ -295,7 +296,10 @@ def _read_ids(engine, path: Path, max_tokens: int, window: int) -> list[int]:
         raise ValueError(f"text: {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
     budget_chars = max(20_000, (max_tokens + window) * 12)  # tokenise only what can be scored
-    return engine.encode(text[:budget_chars])
+    if engine.tokenizer is None:
+        raise ValueError("text: the model has no tokenizer")
+    # one long sequence on purpose (scored in windows): silence the longer-than-the-context warning
+    return engine.tokenizer.encode(text[:budget_chars], add_special_tokens=False, verbose=False)
 
 
 def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: dict, engine=None) -> dict:
@@ -389,22 +393,24 @@ def cmd_eval(args) -> int:
     first = _load(args, substitution_alpha=alphas[0])
     ids_by_file = {text_name(p): _read_ids(first, p, args.max_tokens, args.window) for p in _texts(args)}
     reference = None if args.no_reference else Reference(_load(args, expert_budget="100%", substitution_alpha=0.0))
-    rows = []
-    for i, a in enumerate(alphas):
-        row = evaluate_at(args, a, reference, ids_by_file, engine=first if i == 0 else None)
+    name, rows = first.path.name, []
+    for a in alphas:
+        row = evaluate_at(args, a, reference, ids_by_file, engine=first)
+        first = None
         rows.append(row)
+        gc.collect()  # free this alpha's engine (a web of cycles) before loading the next
         if not args.json:
             print(json.dumps(row), file=sys.stderr)
-    result = {"model": first.path.name, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy,
+    result = {"model": name, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy,
               "window": args.window, "stride": args.stride, "rows": rows}
     if args.alpha_sweep:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = f"alpha_sweep_{str(args.expert_budget).replace('%', 'pct')}_{args.cache_policy}"
-        (out / f"{tag}.md").write_text(f"`moelite eval` on {first.path.name}, budget {args.expert_budget}, policy "
+        (out / f"{tag}.md").write_text(f"`moelite eval` on {name}, budget {args.expert_budget}, policy "
                                        f"{args.cache_policy}\n\n" + sweep_table(rows))
         (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-        sweep_plot(rows, out / f"{tag}.png", f"{first.path.name}: budget {args.expert_budget}, {args.cache_policy}")
+        sweep_plot(rows, out / f"{tag}.png", f"{name}: budget {args.expert_budget}, {args.cache_policy}")
         result["files"] = [str(out / f"{tag}.{x}") for x in ("md", "json", "png")]
         if not args.json:
             print(sweep_table(rows))

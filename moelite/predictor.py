@@ -9,15 +9,18 @@ Contract:
   - eMoE-L predictors (`LPredictor`: `fit(reqs)`, `predict(req, pos, prev) -> [E]` for MoE layer position `pos`
     from the same request's routing at `pos - 1`; `pos = 0` from the previous request's first layer):
     `LayerTransition` (token-level layer-to-layer transition counts), `MLPTransition` (learned, per token).
-  - `evaluate(...)` scores predictors on held-out requests: top-k accuracy (share of the k most used experts among
-    the k predicted), precision/recall of the "hot" set (experts above a uniform share, predicted vs actual),
-    coverage@L (share of the request's expert selections inside the top-L predicted, the hit rate a preloaded
-    cache of L per layer would see), each beside the expectation for a random expert set of the same size.
+  - `compare_predictors(train, test, ...)` fits every predictor and scores it on held-out requests with
+    `tasks.evaluate_a` / `evaluate_l` (top-k accuracy, precision, recall, coverage@L, each beside a random expert
+    set of the same size); the winner of each variant is the best by top-k accuracy.
   - `Preloader(engine, mode, ...)`: before each request, makes the predicted experts resident (`engine.preload`):
     mode "none" | "every" (eMoE-E: predictor every prompt) | "periodic" (every `period` prompts, the set reused in
     between) | "task" (task classifier + per-task predictions refreshed every `period` prompts + the load rule).
+    The plan takes `fill` of the slots (per layer with cache_scope "layer", else over all layers). `keep=True`
+    (default) pins the plan across requests until the plan changes (eMoE's resident set; the other slots serve
+    misses as an ordinary cache); `keep=False` pins it only until its layer's prefill routing is seen (`shield`).
     Misses are handled by the engine as usual (exact); `reroute=True` installs `tasks.reroute_to_resident`
-    (lossy). It times its own work (classifier, predictor calls, planning) apart from the expert reads.
+    (lossy). It times its own work (classifier, predictor calls, planning, routing observer) apart from the expert
+    reads; `generate()` adds per-request stats (see its docstring).
   - `moelite predict train|profile` (CLI) fits/evaluates predictors on traces and profiles task sensitivity.
 """
 
@@ -31,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .tasks import TaskClassifier, load_scores, plan_preload, reroute_to_resident, routing_override
+from .tasks import (TaskClassifier, evaluate_a, evaluate_l, load_scores, normalise, plan_preload,  # noqa: F401
+                    reroute_to_resident, routing_override, score, table)
 from .traces import Trace
 
 
@@ -47,13 +51,6 @@ class RequestRouting:
     @property
     def freq(self) -> np.ndarray:
         return normalise(self.counts)
-
-
-def normalise(c: np.ndarray) -> np.ndarray:
-    """Rows to relative frequencies; all-zero rows become uniform."""
-    c = np.asarray(c, dtype=np.float64)
-    s = c.sum(-1, keepdims=True)
-    return np.where(s > 0, c / np.where(s > 0, s, 1), 1.0 / c.shape[-1])
 
 
 def requests_from_trace(trace: Trace) -> list[RequestRouting]:
@@ -162,6 +159,9 @@ class GRUPredictor(APredictor):
         self.gru = nn.GRU(d_in, self.hidden, batch_first=True)
         self.head = nn.Linear(self.hidden + len(self.tasks), n_l * n_e)
         self.log_prior = torch.tensor(np.log(self.prior + 1e-6), dtype=torch.float32)  # [L, E] residual base
+        # with the next prompt's task known, the base is that task's training frequency: the net learns a correction
+        self.log_task = torch.tensor(np.log(np.stack([self.task_prior[t] for t in self.tasks]) + 1e-6),
+                                     dtype=torch.float32)  # [n_tasks, L, E]
         xs, nx, ys = [], [], []
         for t in range(1, len(reqs)):
             x, n = self._x(reqs[max(0, t - self.window): t], reqs[t].task)
@@ -185,7 +185,11 @@ class GRUPredictor(APredictor):
     def _logp(self, xpad, lens, nxt):  # -> [B, L, E]
         out, _ = self.gru(xpad)  # [B, W, H]
         h = out[torch.arange(len(lens)), lens - 1]  # [B, H] state after the last real prompt
-        logits = self.head(torch.cat([h, nxt], -1)).view(-1, *self.log_prior.shape) + self.log_prior
+        base = self.log_prior.expand(len(lens), *self.log_prior.shape)  # [B, L, E]
+        if self.with_task:
+            known = nxt.sum(-1)[:, None, None] > 0  # [B, 1, 1]
+            base = torch.where(known, torch.einsum("bt,tle->ble", nxt, self.log_task), base)
+        logits = self.head(torch.cat([h, nxt], -1)).view(-1, *self.log_prior.shape) + base
         return torch.log_softmax(logits, -1)
 
     @torch.no_grad()
@@ -222,12 +226,8 @@ class LayerTransition(LPredictor):
         self.trans = np.zeros((n_l, n_e, n_e))  # [L, E, E]; [0] unused
         for r in reqs:
             for pos in range(1, n_l):
-                a, b = r.tokens[pos - 1], r.tokens[pos]  # [T, k] each
-                oh_a = np.zeros((len(a), n_e))
-                oh_a[np.arange(len(a))[:, None], a] = 1
-                oh_b = np.zeros((len(b), n_e))
-                oh_b[np.arange(len(b))[:, None], b] = 1
-                self.trans[pos] += oh_a.T @ oh_b
+                a, b = r.tokens[pos - 1], r.tokens[pos]  # [T, k] each: every (a_i, b_j) pair of a token counts
+                np.add.at(self.trans[pos], (np.repeat(a, b.shape[1], 1), np.tile(b, (1, a.shape[1]))), 1)
         self.trans = normalise(self.trans + 0.1)  # add-0.1 smoothing
         return self
 
@@ -284,50 +284,6 @@ class MLPTransition(LPredictor):
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
-def score(pred: np.ndarray, counts: np.ndarray, k: int, cover: int) -> dict:
-    """Metrics of one layer's prediction [E] against actual selection counts [E], and their random expectations."""
-    n_e = len(pred)
-    top_pred = np.argsort(-pred, kind="stable")
-    actual_top = set(np.argsort(-counts, kind="stable")[:k].tolist())
-    hot_p = set(np.nonzero(pred > 1.0 / n_e)[0].tolist())
-    hot_a = set(np.nonzero(normalise(counts) > 1.0 / n_e)[0].tolist())
-    inter = len(hot_p & hot_a)
-    total = counts.sum()
-    return {
-        "topk_accuracy": len(actual_top & set(top_pred[:k].tolist())) / k, "random_topk_accuracy": k / n_e,
-        "precision": inter / len(hot_p) if hot_p else 0.0, "random_precision": len(hot_a) / n_e,
-        "recall": inter / len(hot_a) if hot_a else 0.0, "random_recall": len(hot_p) / n_e,
-        "coverage": counts[top_pred[:cover]].sum() / total if total else 0.0, "random_coverage": cover / n_e,
-    }
-
-
-def _mean(rows: list[dict]) -> dict:
-    out = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
-    for m in ("topk_accuracy", "precision", "recall", "coverage"):
-        out[f"{m}_vs_random"] = out[m] / out[f"random_{m}"] if out[f"random_{m}"] else 0.0
-    return out
-
-
-def evaluate_a(pred: APredictor, test: list[RequestRouting], k: int, cover: int, classify=None,
-               history: list[RequestRouting] = ()) -> dict:
-    """Each test request predicted from the requests before it (the held-out stream in order)."""
-    hist, rows = list(history), []
-    for r in test:
-        task = (classify(r.prompt) if classify else r.task) if pred.uses_task else None
-        p = pred.predict(hist, task)
-        rows += [score(p[i], r.counts[i], k, cover) for i in range(len(p))]
-        hist.append(r)
-    return _mean(rows)
-
-
-def evaluate_l(pred: LPredictor, test: list[RequestRouting], k: int, cover: int) -> dict:
-    rows = []
-    for j, r in enumerate(test):
-        prev = test[j - 1] if j else None
-        rows += [score(pred.predict(r, pos, prev), r.counts[pos], k, cover) for pos in range(len(r.counts))]
-    return _mean(rows)
-
-
 def compare_predictors(train: list[RequestRouting], test: list[RequestRouting], k: int, cover: int,
                        classifier: TaskClassifier | None = None, seed: int = 0) -> dict:
     """Fit every predictor on `train`, score on `test`; the winner of each variant by top-k accuracy."""
@@ -335,36 +291,31 @@ def compare_predictors(train: list[RequestRouting], test: list[RequestRouting], 
     res: dict = {"A": {}, "L": {}, "k": k, "coverage_L": cover, "train_requests": len(train),
                  "test_requests": len(test)}
     for p in (PreviousPrompt(), RecentMean(), TaskFrequency(), GRUPredictor(False, seed=seed),
-              GRUPredictor(True, seed=seed)):
+              GRUPredictor(True, seed=seed), LayerTransition(), MLPTransition(seed=seed)):
         t0 = time.perf_counter()
         p.fit(train)
         fit_s = time.perf_counter() - t0
-        res["A"][p.name] = dict(evaluate_a(p, test, k, cover, cls), fit_s=fit_s)
-    for p in (LayerTransition(), MLPTransition(seed=seed)):
-        t0 = time.perf_counter()
-        p.fit(train)
-        fit_s = time.perf_counter() - t0
-        res["L"][p.name] = dict(evaluate_l(p, test, k, cover), fit_s=fit_s)
+        is_a = isinstance(p, APredictor)
+        m = evaluate_a(p, test, k, cover, cls) if is_a else evaluate_l(p, test, k, cover)
+        res["A" if is_a else "L"][p.name] = dict(m, fit_s=fit_s)
     for v in ("A", "L"):
         res[f"winner_{v}"] = max(res[v], key=lambda n: res[v][n]["topk_accuracy"])
     return res
 
 
-def table(res: dict) -> str:
-    head = "| variant | predictor | top-k acc | random | x | precision | random | recall | random | coverage@L | random |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for v in ("A", "L"):
-        for name, m in res[v].items():
-            star = " *" if res.get(f"winner_{v}") == name else ""
-            lines.append(f"| eMoE-{v} | {name}{star} | {m['topk_accuracy']:.3f} | {m['random_topk_accuracy']:.3f} | "
-                         f"{m['topk_accuracy_vs_random']:.2f} | {m['precision']:.3f} | {m['random_precision']:.3f} | "
-                         f"{m['recall']:.3f} | {m['random_recall']:.3f} | {m['coverage']:.3f} | "
-                         f"{m['random_coverage']:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 # ---- engine wiring ---------------------------------------------------------------------------------------------
 MODES = ("none", "every", "periodic", "task")
+
+
+def make_resident(engine, keys: list) -> int:
+    """Make (layer, expert) keys resident, best first; returns the reads done. Planned experts already resident
+    are touched first (best last), so that the policy evicts experts outside the plan to make room for the rest."""
+    cache = engine.manager.cache
+    for key in reversed(keys):
+        if cache.resident(key):
+            cache.lookup(key, count=False)  # a policy access, not counted as a hit
+    missing = [k for k in keys if not cache.resident(k)]
+    return engine.preload(missing) if missing else 0
 
 
 class Preloader:
@@ -372,13 +323,16 @@ class Preloader:
 
     def __init__(self, engine, mode: str = "task", predictor: APredictor | None = None, period: int = 40,
                  classifier: TaskClassifier | None = None, sensitivity: dict | None = None,
-                 out_tokens: dict | None = None, fill: float = 1.0, reroute: bool = False):
+                 out_tokens: dict | None = None, fill: float = 0.6, reroute: bool = False, shield: bool = True,
+                 keep: bool = True, account: bool = True):
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
         if isinstance(period, bool) or not isinstance(period, int) or period < 1:
             raise ValueError(f"period: {period!r} must be an int >= 1")
         if not 0 < fill <= 1:
             raise ValueError(f"fill: {fill!r} must be in (0, 1]")
+        if keep and fill > 0.9:
+            raise ValueError(f"fill: {fill!r} with keep=True leaves no slots for misses; use at most 0.9")
         if mode != "none" and predictor is None:
             raise ValueError(f"predictor: mode {mode!r} needs a fitted APredictor")
         if mode == "task" and not predictor.uses_task:
@@ -387,41 +341,52 @@ class Preloader:
         self.period = 1 if mode == "every" else period
         self.classifier = classifier or TaskClassifier()
         self.sensitivity, self.out_tokens, self.reroute = sensitivity, out_tokens or {}, reroute
-        self.layers = list(engine.layout.layers)
-        self.n_exp = engine.num_experts
-        scope = engine.config.cache_scope
+        # shield: a preloaded expert stays pinned until its layer's prefill routing is seen, so that (global cache)
+        # the prefill misses of shallower layers cannot evict what deeper layers were given
+        self.shield = shield
+        # keep: the plan stays pinned across requests (eMoE's resident set, swapped when the plan changes); the
+        # other (1 - fill) of the slots serve misses as an ordinary cache
+        self.keep = keep
+        self._kept: dict = {}  # key -> slot pinned by the standing plan
+        # account: measure residency as routed (stats["routed"]); a measurement, timed apart in account_s
+        self._pinned: dict[int, list[int]] = {}
+        self.layers, self.n_exp, self.scope = list(engine.layout.layers), engine.num_experts, engine.config.cache_scope
         n_slots = engine.pool.n_slots
-        self.scope = scope
-        self.slots = int((n_slots // len(self.layers) if scope == "layer" else n_slots) * fill)
+        self.slots = int((n_slots // len(self.layers) if self.scope == "layer" else n_slots) * fill)
         self.history: list[RequestRouting] = []
         self.freq: dict = {}  # task (or None) -> predicted [L, E], reused until the next invocation
-        self.last_call = -10**9
-        self.requests = 0
-        self.calls = 0
-        self.t = {"classify_s": 0.0, "predict_s": 0.0, "plan_s": 0.0, "preload_s": 0.0}
+        self.last_call, self.requests, self.calls = -10**9, 0, 0
+        self.t = {"classify_s": 0.0, "predict_s": 0.0, "plan_s": 0.0, "preload_s": 0.0, "observe_s": 0.0,
+                  "account_s": 0.0}
+        self._pos = {layer: i for i, layer in enumerate(self.layers)}
+        self.account = account
         self._cur: RequestRouting | None = None
         self._prefill_end: tuple | None = None
-        self._hits = {"prefill": np.zeros(4, np.int64), "decode": np.zeros(4, np.int64)}
+        self._hits = {"prefill": [0, 0, 0, 0], "decode": [0, 0, 0, 0]}
         engine.manager.observers.append(self._observe)
 
     def _observe(self, layer, routing, is_decode) -> None:
-        r = self._cur
-        if r is None:
+        if self._cur is None:
             return
-        if is_decode and self._prefill_end is None:  # first decode layer: the prefill's counters are final
-            c = self.engine.manager.cache
-            self._prefill_end = (c.hits, c.misses)
-        pos = self.layers.index(layer)
-        c = torch.bincount(routing.idx.reshape(-1).cpu(), minlength=self.n_exp).numpy()  # [E]
-        r.counts[pos] += c
-        if not is_decode:
-            r.prefill[pos] += c
-        # residency as the router asked (before any rerouting): distinct experts and token selections
+        t0 = time.perf_counter()
         m = self.engine.manager
-        used = np.nonzero(c)[0]
-        res = np.array([m.cache.resident((layer, int(e))) or (layer, int(e)) in m.inflight for e in used], bool)
-        h = self._hits["decode" if is_decode else "prefill"]
-        h += (int(res.sum()), int((~res).sum()), int(c[used][res].sum()), int(c[used][~res].sum()))
+        for slot in self._pinned.pop(layer, ()):  # this layer runs now: its preloaded experts may be evicted again
+            m.cache.unpin(slot)
+        if is_decode and self._prefill_end is None:  # first decode layer: the prefill's counters are final
+            self._prefill_end = (m.cache.hits, m.cache.misses)
+        self._seen.append((self._pos[layer], is_decode, routing.idx))  # counted once, in after()
+        t1 = time.perf_counter()
+        self.t["observe_s"] += t1 - t0
+        if self.account:  # measurement only: residency as the router asked (before any rerouting)
+            n: dict = {}
+            for e in routing.idx.reshape(-1).tolist():
+                n[e] = n.get(e, 0) + 1
+            h = self._hits["decode" if is_decode else "prefill"]
+            for e, c in n.items():
+                hit = (layer, e) in m.cache.slot_of or (layer, e) in m.inflight
+                h[0 if hit else 1] += 1
+                h[2 if hit else 3] += c
+            self.t["account_s"] += time.perf_counter() - t1
 
     def _invoke(self, tasks: list) -> None:
         t0 = time.perf_counter()
@@ -459,31 +424,57 @@ class Preloader:
             plan = plan_preload(scores, self.slots, self.scope)
             keys = [(self.layers[p], e) for p, e in plan]
             cache = self.engine.manager.cache
-            for key in reversed(keys):  # refresh the planned residents (best last) so the loads evict others
-                if cache.resident(key):
-                    cache.lookup(key, count=False)
-            missing = [k for k in keys if not cache.resident(k)]
+            if self.keep:  # experts dropped from the plan become evictable before the new plan is read
+                new = set(keys)
+                for key in [k for k in self._kept if k not in new]:
+                    cache.unpin(self._kept.pop(key))
             self.t["plan_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            info["preloaded"] = self.engine.preload(missing) if missing else 0
+            info["preloaded"] = make_resident(self.engine, keys)
             self.t["preload_s"] += time.perf_counter() - t0
+            for key in keys:  # pin the plan: until its layer's prefill (shield) or until the plan changes (keep)
+                slot = cache.slot_of.get(key)
+                if slot is None or (self.keep and key in self._kept) or not (self.keep or self.shield):
+                    continue
+                cache.pin(slot)
+                if self.keep:
+                    self._kept[key] = slot
+                else:
+                    self._pinned.setdefault(key[0], []).append(slot)
         shape = (len(self.layers), self.n_exp)
         self._cur = RequestRouting(task or "default", prompt, np.zeros(shape, np.int64), np.zeros(shape, np.int64),
                                    [], prompt_tokens)
+        self._seen: list = []  # (layer position, is_decode, idx [N, k]) of every MoE pass of this request
         return info
 
+    def release(self) -> None:
+        """Unpin every preloaded expert still shielded (a request that ended or failed before reaching a layer)."""
+        for slots in self._pinned.values():
+            for slot in slots:
+                self.engine.manager.cache.unpin(slot)
+        self._pinned = {}
+
     def after(self) -> RequestRouting:
+        self.release()
         r, self._cur = self._cur, None
         if r is not None:
+            for pos in range(len(self.layers)):
+                for dst, keep in ((r.counts, lambda d: True), (r.prefill, lambda d: not d)):
+                    ids = [i.reshape(-1) for p, d, i in self._seen if p == pos and keep(d)]
+                    if ids:
+                        dst[pos] = torch.bincount(torch.cat(ids).cpu(), minlength=self.n_exp).numpy()
+            self._seen = []
             self.history.append(r)
             del self.history[:-256]  # predictors look at recent prompts only
         self.requests += 1
         return r
 
     def generate(self, prompt: str, **kw):
-        """before() + engine.generate() + after(); the Generation's stats gain the preloading figures and the
-        prefill/decode split of hits and misses; `request_s` / `ttft_total_s` include classifier, predictor,
-        planning and expert reads."""
+        """before() + engine.generate() + after(); the Generation's stats gain: task, predicted, preloaded (reads),
+        prediction_overhead_s, preload_s, prefill_/decode_hits/misses (engine counters, split at the first decode
+        layer), routed = {"prefill"|"decode": [distinct hits, distinct misses, selection hits, selection misses]}
+        (residency as the router asked, before rerouting; with `account`), and `ttft_total_s` / `request_s` from
+        arrival (tokenising, classifier, predictor, planning and expert reads included)."""
         e, m = self.engine, self.engine.manager
         t0 = time.perf_counter()
         ids = e.encode(prompt)
@@ -493,21 +484,23 @@ class Preloader:
         preload_s = self.t["preload_s"] - before[1]
         c0 = (m.cache.hits, m.cache.misses)
         self._prefill_end = None
-        self._hits = {"prefill": np.zeros(4, np.int64), "decode": np.zeros(4, np.int64)}
+        self._hits = {"prefill": [0, 0, 0, 0], "decode": [0, 0, 0, 0]}
         pre_s = time.perf_counter() - t0  # arrival -> prefill starts: tokenise, classify, predict, plan, read
-        if self.reroute:
-            kw.setdefault("substitution_alpha", routing_override.ON)
-            with routing_override(e, reroute_to_resident):
+        try:
+            if self.reroute:
+                kw.setdefault("substitution_alpha", routing_override.ON)
+                with routing_override(e, reroute_to_resident):
+                    gen = e.generate(ids, **kw)
+            else:
                 gen = e.generate(ids, **kw)
-        else:
-            gen = e.generate(ids, **kw)
-        self.after()
+        finally:
+            self.after()
         end = (m.cache.hits, m.cache.misses)
         mid = self._prefill_end or end  # exact hits/misses: substitution hooks keep cache.hits exact
         gen.stats.update(info, prediction_overhead_s=overhead, preload_s=preload_s,
                          prefill_hits=mid[0] - c0[0], prefill_misses=mid[1] - c0[1],
                          decode_hits=end[0] - mid[0], decode_misses=end[1] - mid[1],
-                         routed=({k: v.tolist() for k, v in self._hits.items()}),
+                         routed={k: list(v) for k, v in self._hits.items()},
                          ttft_total_s=pre_s + gen.stats.get("ttft_s", 0.0), request_s=time.perf_counter() - t0)
         return gen
 
@@ -516,13 +509,16 @@ class Preloader:
                     slots=self.slots, scope=self.scope)
 
     def close(self) -> None:
+        self.release()
+        for slot in self._kept.values():
+            self.engine.manager.cache.unpin(slot)
+        self._kept = {}
         if self._observe in self.engine.manager.observers:
             self.engine.manager.observers.remove(self._observe)
 
 
-# ---- persistence of per-task tables (what `moelite predict train` saves) -------------------------------------------
+# ---- persistence: the per-task table `moelite predict train --out` writes ----------------------------------------------
 def save_task_table(pred: APredictor, path) -> None:
-    """The fitted per-task and global frequency priors as JSON (enough to rebuild TaskFrequency)."""
     obj = {"prior": pred.prior.tolist(), "task_prior": {t: v.tolist() for t, v in pred.task_prior.items()},
            "task_n": pred.task_n}
     with open(path, "w") as f:
@@ -533,15 +529,15 @@ def load_task_table(path) -> TaskFrequency:
     with open(path) as f:
         obj = json.load(f)
     p = TaskFrequency()
-    p.prior = np.asarray(obj["prior"])
+    p.prior, p.task_n = np.asarray(obj["prior"]), {t: int(v) for t, v in obj["task_n"].items()}
     p.task_prior = {t: np.asarray(v) for t, v in obj["task_prior"].items()}
-    p.task_n = {t: int(v) for t, v in obj["task_n"].items()}
     return p
 
 
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def register_cli(sub) -> None:
     from .cli import add_engine_flags, engine_config
+    from .tasks import register_profile_cli
 
     p = sub.add_parser("predict", help="eMoE expert predictors: fit/evaluate on traces, profile task sensitivity")
     ps = p.add_subparsers(dest="predict_cmd", required=True)
@@ -576,32 +572,4 @@ def register_cli(sub) -> None:
 
     t.set_defaults(func=run_train)
 
-    f = ps.add_parser("profile", help="per-task layer sensitivity to randomised routing (offline)")
-    f.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    f.add_argument("--prompts-per-task", type=int, default=4)
-    f.add_argument("--max-tokens", type=int, default=16)
-    f.add_argument("--threshold", type=float, default=0.85)
-    f.add_argument("--builtin", action="store_true", help="use the built-in prompts, not ../shared/data corpora")
-    f.add_argument("--out", default=None, help="write the profile JSON here")
-    add_engine_flags(f)
-
-    def run_profile(args) -> int:
-        from .engine import Engine
-        from .prompts import PROMPTS
-        from .tasks import TASKS, corpus_prompts, profile_sensitivity
-
-        if args.prompts_per_task < 1:
-            raise ValueError("prompts_per_task: must be >= 1")
-        engine = Engine(args.model, engine_config(args), progress=False)
-        if args.builtin:
-            by_task = {t: [p for d, p in PROMPTS if d == t][: args.prompts_per_task] for t in TASKS}
-        else:
-            by_task = {t: corpus_prompts(t, args.prompts_per_task, "test", seed=7) for t in TASKS}
-        prof = profile_sensitivity(engine, by_task, args.max_tokens, args.threshold)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(prof, fh, indent=1)
-        print(json.dumps(prof))
-        return 0
-
-    f.set_defaults(func=run_profile)
+    register_profile_cli(ps, add_engine_flags, engine_config)

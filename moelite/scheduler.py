@@ -89,7 +89,8 @@ class SchedulerConfig:
 
     @classmethod
     def load(cls, path: str | Path, **overrides) -> "SchedulerConfig":
-        """JSON: {"mode": ..., "on_miss": ..., "tasks": {"chat": {"ttft_s": 1, "tpot_s": 0.2, "expected_tokens": 40}}}"""
+        """JSON: {"mode": ..., "on_miss": ..., "tasks": {"chat": {"ttft_s": 1, "tpot_s": 0.2, "expected_tokens": 40}}}
+        (fields as in SchedulerConfig / TaskSLO; keyword overrides win)."""
         try:
             raw = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
@@ -219,6 +220,11 @@ class Scheduler:
         t_i = elapsed + stall + g * p.step_s(batch)
         return t_i / max(1, done - 1 + g) <= s.tpot_slo
 
+    def _breaks(self, s, now: float, stall: float, batch: int) -> bool:
+        """Would admitting break s's TPOT target? Only a target s can still meet counts: a request that misses
+        anyway must not block everyone else (eMoE: no scheduled request's SLO may *become* violated)."""
+        return self._tpot_ok(s, now, 0.0, batch - 1) and not self._tpot_ok(s, now, stall, batch)
+
     def _slo(self, waiting, running, now):
         p, cfg = self.profile, self.config
         admit, refuse = [], []
@@ -233,8 +239,8 @@ class Scheduler:
             miss = ttft_now > s.ttft_slo
             if not miss and self._fits(s, len(scheduled), used):
                 batch = len(scheduled) + 1
-                if all(self._tpot_ok(r, now, delay + pre, batch) for r in scheduled) and \
-                        (batch == 1 or self._tpot_ok(s, now, 0.0, batch)):
+                own_ok = self._tpot_ok(s, now, 0.0, batch) or not self._tpot_ok(s, now, 0.0, 1)
+                if own_ok and not any(self._breaks(r, now, delay + pre, batch) for r in scheduled):
                     admit.append(s)
                     scheduled.append(s)
                     used += s.kv_tokens

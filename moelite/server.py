@@ -475,6 +475,11 @@ def _finish_reason(r: str) -> str:
     return {"eos": "stop", "stop": "stop", "length": "length"}.get(r, r)
 
 
+def _usage(n_prompt: int, results: dict) -> dict:
+    n_out = sum(r["completion_tokens"] for r in results.values())
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
 async def _serve(st: _State, request: Request, req, prompts, max_tokens, chat: bool, extra_stop) -> Response:
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
@@ -496,26 +501,16 @@ async def _serve(st: _State, request: Request, req, prompts, max_tokens, chat: b
     created = int(time.time())
     n_prompt = sum(len(p) for p in prompts)
     watcher = asyncio.create_task(_watch_disconnect(request, seqs, q))
-    first: list = []
     handed_over = False
     try:
-        while True:  # wait for the first event: an error before any token becomes a real HTTP status
-            i, ev = await q.get()
-            if ev[0] == "disconnected":
-                st.finished(endpoint, "cancelled")
-                return Response(status_code=499)
-            if ev[0] == "error":
-                raise ApiError(ev[1], ev[2], retry_after=ev[3])
-            first.append((i, ev))  # "text" or "done"
-            break
-        if req.stream:
+        pending = [await q.get()]  # the first event: an error before any token becomes a real HTTP status
+        if req.stream and pending[0][1][0] in ("text", "done"):
             handed_over = True
             include_usage = bool((req.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_sse(st, endpoint, seqs, q, first, rid, created, chat, n_prompt, include_usage,
-                                          watcher),
+            return StreamingResponse(_sse(st, endpoint, seqs, q, pending, rid, created, chat, n_prompt,
+                                          include_usage, watcher),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         results: dict[int, dict] = {}
-        pending = first
         while len(results) < len(seqs):
             i, ev = pending.pop(0) if pending else await q.get()
             if ev[0] == "done":
@@ -526,17 +521,11 @@ async def _serve(st: _State, request: Request, req, prompts, max_tokens, chat: b
                 st.finished(endpoint, "cancelled")
                 return Response(status_code=499)
         st.finished(endpoint, "200", results.values())
-        n_out = sum(r["completion_tokens"] for r in results.values())
-        usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-        if chat:
-            choices = [{"index": i, "message": {"role": "assistant", "content": r["text"]}, "logprobs": None,
-                        "finish_reason": _finish_reason(r["finish_reason"])} for i, r in sorted(results.items())]
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": st.model_id,
-                                 "choices": choices, "usage": usage})
-        choices = [{"index": i, "text": r["text"], "logprobs": None, "finish_reason": _finish_reason(r["finish_reason"])}
+        choices = [{"index": i, "logprobs": None, "finish_reason": _finish_reason(r["finish_reason"]),
+                    **({"message": {"role": "assistant", "content": r["text"]}} if chat else {"text": r["text"]})}
                    for i, r in sorted(results.items())]
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": st.model_id,
-                             "choices": choices, "usage": usage})
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                             "model": st.model_id, "choices": choices, "usage": _usage(n_prompt, results)})
     finally:
         if not handed_over:
             watcher.cancel()
@@ -595,10 +584,8 @@ async def _sse(st: _State, endpoint, seqs, q, first, rid, created, chat, n_promp
             elif ev[0] == "disconnected":
                 return
         if include_usage and len(done) == n:
-            n_out = sum(r["completion_tokens"] for r in done.values())
-            usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
             obj = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-                   "model": model, "choices": [], "usage": usage}
+                   "model": model, "choices": [], "usage": _usage(n_prompt, done)}
             yield f"data: {json.dumps(obj)}\n\n"
         yield "data: [DONE]\n\n"
         if len(done) == n:

@@ -16,6 +16,7 @@ Targets are given either as time per output token (`--target-tpot-ms`) or as dec
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
 import sys
@@ -95,6 +96,8 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
             prompts = calibration_prompts(eng, prompts_path, n_prompts + 1)  # +1: the warm-up prompt
             runs.append(measure_decode(eng, prompts, max_tokens, a))
             eng.close()
+            del eng
+            gc.collect()  # free the slot pool before the next engine (an engine is a web of cycles)
         tp = statistics.median(r["tpot_ms"] for r in runs)
         point = {"alpha": a, "tpot_ms": tp, "decode_tok_s": 1000 / tp if tp else 0.0,
                  "decode_exact_hit_rate": runs[-1]["decode_exact_hit_rate"],

@@ -122,6 +122,12 @@ def test_cancel_timeout_queue_bound_and_drain(tiny):
     a.cancel()
     b.step()  # leaves at the next step boundary, its KV cache dropped, no "done"
     assert b.running == [] and a.cache is None and not any(e[0] == "done" for e in events["a"])
+    slow = b.submit(seq("t", timeout=0.2))
+    b.step()  # admitted, first token
+    time.sleep(0.25)
+    b.step()  # past its timeout while running: finishes with what it has
+    assert events["t"][-1][0] == "done" and events["t"][-1][1]["finish_reason"] == "timeout"
+    assert slow.cache is None and b.running == []
     b.drain()
     with pytest.raises(Rejected) as err:
         b.submit(seq("y"))
@@ -178,12 +184,14 @@ def test_slo_admission_orders_by_stringency_and_refuses_early():
 
 def test_slo_admission_protects_running_tpot_and_token_budget():
     sched = Scheduler(SchedulerConfig(mode="slo", max_batch=8, token_budget=100), _profile(step=0.05), 256)
-    run = _seq(10, ttft=5.0, tpot=0.06)
+    run = _seq(10, ttft=5.0, tpot=0.08)  # on track: (0.5 s + 10 x 0.05 s) / 14 tokens = 71 ms
     run.t_first, run.expected_tokens = 0.0, 10
     run.out_ids = [1] * 5
-    big_prompt = _seq(40, ttft=10.0)  # its prefill (0.4 s) would push the running request past its TPOT target
+    big_prompt = _seq(40, ttft=10.0)  # its prefill (0.4 s) would push the running request to 100 ms per token
     admit, refuse = sched.schedule([big_prompt], [run], now=0.5)
     assert admit == [] and refuse == []
+    run.tpot_slo = 0.06  # already missing its target: it no longer blocks admissions
+    assert sched.schedule([big_prompt], [run], now=0.5)[0] == [big_prompt]
     too_big = _seq(10, ttft=10.0, max_tokens=90)  # 10 + 90 + the running 26 > token budget 100
     assert sched.schedule([too_big], [], now=0.0)[0] == [too_big]
     assert sched.schedule([too_big], [run], now=0.0)[0] == []
@@ -211,3 +219,15 @@ def test_scheduler_config_validation(tmp_path):
     f.write_text('{"modes": "fcfs"}')
     with pytest.raises(ValueError, match="unknown field"):
         SchedulerConfig.load(f)
+
+
+def test_mixed_alphas_keep_the_exact_sequence_exact(tiny):
+    """SMoE substitution on for two sequences, off (alpha 0) for the third: the third decodes exactly."""
+    eng = moelite.load(tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4), expert_budget="30%")
+    eng.eos_ids = set()
+    prompts = _prompts(3, seed=8)
+    exact = eng.generate(prompts[1], max_tokens=10, temperature=0).token_ids
+    before = eng.manager.substitutions
+    got = batch_generate(eng, prompts, max_tokens=10, temperature=0, substitution_alpha=[0.5, 0.0, 0.5])
+    assert got[1].token_ids == exact
+    assert eng.manager.substitutions > before  # the others did substitute

@@ -4,17 +4,19 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import moelite
 from moelite.cli import main as cli_main
 from moelite.predictor import (GRUPredictor, LayerTransition, MLPTransition, Preloader, PreviousPrompt,
                                RecentMean, RequestRouting, TaskFrequency, compare_predictors, evaluate_a, evaluate_l,
-                               requests_from_trace, score)
+                               load_task_table, requests_from_trace, score)
 from moelite.prompts import PROMPTS
 from moelite.tasks import TaskClassifier
 from moelite.traces import Trace, record
 
 E, K, L = 16, 2, 3
+torch.set_num_threads(1)  # tiny nets: more threads only contend on the shared cores
 
 
 def synthetic(n: int, seed: int) -> list[RequestRouting]:
@@ -105,6 +107,8 @@ def test_cli_predict_train(traced, tmp_path, capsys):
     assert cli_main(["predict", "train", "--trace", str(traced), "--out", str(out)]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["test_requests"] == 3 and res["train_requests"] == 6 and out.is_file()
+    train = requests_from_trace(Trace.load(traced))[:6]
+    np.testing.assert_allclose(load_task_table(out).predict([], "python"), TaskFrequency().fit(train).predict([], "python"))
     assert cli_main(["predict", "train", "--trace", str(traced), "--cover", "2"]) == 2  # ValueError -> exit 2
 
 
@@ -114,14 +118,15 @@ def test_preloader_exact_and_periodic(ckpt, traced):
     ref = moelite.load(ckpt, expert_budget="40%", cache_scope="layer", num_threads=1)
     base = Preloader(ref, "none")
     eng = moelite.load(ckpt, expert_budget="40%", cache_scope="layer", num_threads=1)
-    pl = Preloader(eng, "task", tf, period=4)
+    pl = Preloader(eng, "task", tf, period=4, keep=False, fill=1.0)
     for i, (_, prompt) in enumerate(PROMPTS[:10]):
         want = base.generate(prompt, max_tokens=5, temperature=0)
         ids = eng.encode(prompt)
         info = pl.before(prompt, len(ids))
         # the plan is resident before prefill: top experts of the classified task, per layer
-        per = eng.pool.n_slots // len(eng.layout.layers)
-        f = tf.predict(pl.history, info["task"])
+        per = pl.slots
+        assert per == eng.pool.n_slots // len(eng.layout.layers)
+        f = pl.freq[info["task"]]  # the prediction of the last invocation, reused in between
         for pos, layer in enumerate(eng.layout.layers):
             top = np.argsort(-f[pos], kind="stable")[:per]
             assert all(eng.manager.cache.resident((layer, int(e))) for e in top)
@@ -145,15 +150,47 @@ def test_preloader_exact_and_periodic(ckpt, traced):
 def test_preloader_reroute_and_validation(ckpt, traced):
     tf = TaskFrequency().fit(requests_from_trace(Trace.load(traced)))
     eng = moelite.load(ckpt, expert_budget="40%", cache_scope="layer", num_threads=1)
-    pl = Preloader(eng, "task", tf, reroute=True)
+    pl = Preloader(eng, "task", tf, reroute=True, fill=0.9)  # 5 of 6 slots per layer: >= k resident
     g = pl.generate(PROMPTS[1][1], max_tokens=5, temperature=0)
     assert g.stats["prefill_misses"] == 0 and g.stats["expert_substitutions"] > 0
     assert g.stats["prefill_hits"] >= 0 and eng.manager.substitute is not None
     for kw, msg in ((dict(mode="x"), "mode: 'x' is not one of none, every, periodic, task"),
                     (dict(mode="task", predictor=tf, period=0), "period: 0 must be an int >= 1"),
                     (dict(mode="every"), "predictor: mode 'every' needs a fitted APredictor"),
-                    (dict(mode="task", predictor=RecentMean().fit([])), "fit: no requests")):
+                    (dict(mode="task", predictor=tf, fill=0), "fill: 0 must be in")):
         with pytest.raises(ValueError, match=msg):
             Preloader(eng, **kw)
+    with pytest.raises(ValueError, match="fit: no requests"):
+        RecentMean().fit([])
     with pytest.raises(ValueError, match="needs a task-aware predictor"):
         Preloader(eng, "task", PreviousPrompt().fit(requests_from_trace(Trace.load(traced))))
+
+
+def test_preloader_keeps_the_plan_pinned_across_requests(ckpt, traced):
+    tf = TaskFrequency().fit(requests_from_trace(Trace.load(traced)))
+    eng = moelite.load(ckpt, expert_budget="60%", num_threads=1)  # global scope
+    pl = Preloader(eng, "periodic", tf, period=100, keep=True, fill=0.5)
+    assert pl.slots == int(eng.pool.n_slots * 0.5)
+    exact = moelite.load(ckpt, expert_budget="100%", num_threads=1)
+    for _, prompt in PROMPTS[:4]:
+        g = pl.generate(prompt, max_tokens=4, temperature=0)
+        assert g.token_ids == exact.generate(prompt, max_tokens=4, temperature=0).token_ids
+        kept = dict(pl._kept)
+        assert len(kept) == pl.slots and all(eng.manager.cache.slot_of[k] == s for k, s in kept.items())
+        assert all(eng.manager.cache.pins.get(s, 0) >= 1 for s in kept.values())  # still pinned after the request
+    assert g.stats["preloaded"] == 0  # same plan (one predictor call): nothing to read again
+    pl.close()
+    assert not eng.manager.cache.pins
+    # task mode: a task switch swaps the pinned plan (the old plan's experts are unpinned, the new one pinned)
+    pl = Preloader(eng, "task", tf, keep=True, fill=0.5)
+    pl.generate(PROMPTS[0][1], max_tokens=2, temperature=0)
+    first = dict(pl._kept)
+    pl.generate(PROMPTS[6][1], max_tokens=2, temperature=0)
+    second = dict(pl._kept)
+    assert set(first) != set(second) and len(second) == pl.slots
+    pinned = {s for s, n in eng.manager.cache.pins.items() if n > 0}
+    assert pinned == set(second.values())
+    pl.close()
+    assert not eng.manager.cache.pins
+    with pytest.raises(ValueError, match="fill: 0.95 with keep=True leaves no slots"):
+        Preloader(eng, "task", tf, keep=True, fill=0.95)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 import moelite
 from moelite.prompts import PROMPTS

