@@ -180,7 +180,7 @@ def run_arms(args, stream, arms: list[tuple], sens=None, wo=None) -> tuple[list[
 
 def part_stream(args, out: Path, prof: dict | None, pred_res: dict | None) -> dict:
     by_task = prompts(args, "test", args.stream_per_task, seed=3)
-    stream = mixed_stream(by_task, args.stream, run_len=(args.run_min, args.run_max), seed=4)
+    stream = mixed_stream(by_task, args.stream, run_len=(args.run_min, args.run_max), seed=args.stream_seed)
     acc = {n: m["topk_accuracy"] for n, m in (pred_res or {}).get("A", {}).items()}
     best = lambda names, dflt: max(names, key=lambda n: acc.get(n, -1)) if acc else dflt  # noqa: E731
     task_name = best(("task-frequency", "gru+task"), "task-frequency")  # held-out winners, task-aware or not
@@ -351,6 +351,7 @@ def main(argv=None) -> int:
     p.add_argument("--trace-tokens", type=int, default=16)
     p.add_argument("--stream", type=int, default=120)
     p.add_argument("--stream-per-task", type=int, default=40)
+    p.add_argument("--stream-seed", type=int, default=4, help="seed of the stream's task runs")
     p.add_argument("--run-min", type=int, default=3)
     p.add_argument("--run-max", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16)

@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -141,7 +142,7 @@ def spawn_server(args, mode: str) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "moelite.cli", "serve", "--port", str(port), "--scheduler", mode, "--max-batch",
            str(args.max_batch), "--max-queue", str(args.max_queue), "--num-threads", str(args.threads),
            "--log-level", "warning", *(["--model", args.model] if args.model else []), *args.server_arg]
-    log = open(OUT_DIR / f"server_{mode}.log", "w")
+    log = open(Path(tempfile.gettempdir()) / f"moelite-load-bench-{mode}-{port}.log", "w")  # not in the repo
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1])
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()

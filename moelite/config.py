@@ -95,6 +95,8 @@ class EngineConfig:
     score_window: int = 8
     # read experts for the next layer in the background, predicted through that layer's gate
     prefetch: bool = False
+    # how many of the next layer's predicted experts to prefetch, highest predicted score first (0 = half of top-k)
+    prefetch_experts: int = 0
     # background I/O threads reading experts (0 = read on the compute thread)
     io_threads: int = 2
     # a miss goes into the cache ("load"), is computed from a read buffer without caching ("direct"),
@@ -104,6 +106,7 @@ class EngineConfig:
     substitution_alpha: float = 0.0
     # whether substitution also applies in prefill (the paper: decode only)
     substitute_in_prefill: bool = False
+    # torch CPU threads; None = 1 for small models (hidden size <= 1024), else torch's default
     num_threads: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -121,6 +124,9 @@ class EngineConfig:
         check_alpha(self.substitution_alpha)
         if isinstance(self.io_threads, bool) or not isinstance(self.io_threads, int) or not 0 <= self.io_threads <= 64:
             raise ValueError(f"io_threads: {self.io_threads!r} must be an int in [0, 64]")
+        if isinstance(self.prefetch_experts, bool) or not isinstance(self.prefetch_experts, int) \
+                or self.prefetch_experts < 0:
+            raise ValueError(f"prefetch_experts: {self.prefetch_experts!r} must be an int >= 0 (0 = half of top-k)")
         if self.miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy: {self.miss_policy!r} is not one of {', '.join(MISS_POLICIES)}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):

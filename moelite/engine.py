@@ -63,8 +63,6 @@ class Engine:
             path = demo_model_path()
         self.path = Path(path)
         self.device = parse_device(self.config.device)
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
         self.checkpoint = ckpt = Checkpoint.open(self.path, allow_pickle=self.config.allow_pickle)
         self.adapter = adapter = adapter_for(ckpt.model_type)
         try:
@@ -75,6 +73,11 @@ class Engine:
         # output_router_logits=true (the demo model's) would make transformers compute an aux loss over an empty
         # tuple and fail in every forward
         self.hf_config.output_router_logits = False
+        threads = self.config.num_threads
+        if threads is None and int(getattr(self.hf_config, "hidden_size", 4096)) <= 1024:
+            threads = 1  # tiny matmuls: intra-op threading costs more than it gains (100x on a busy 2-core box)
+        if threads:
+            torch.set_num_threads(threads)
         self.num_experts = adapter.num_experts(self.hf_config)
         self.top_k = adapter.top_k(self.hf_config)
         self.layout = layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
@@ -113,7 +116,8 @@ class Engine:
         cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)
         loader = Loader(self.reader, self.config.io_threads) if self.config.io_threads > 0 else None
         self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None, loader=loader,
-                                     miss_policy=self.config.miss_policy, prefetch=self.config.prefetch)
+                                     miss_policy=self.config.miss_policy, prefetch=self.config.prefetch,
+                                     prefetch_experts=self.config.prefetch_experts)
         self.manager.substitute_in_prefill = self.config.substitute_in_prefill
         self.manager.substitute = cache_router  # SMoE Algorithm 1; runs only while alpha > 0
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores

@@ -109,6 +109,7 @@ def accounting(before, after) -> dict:
     hits, misses, subs, d_hits, d_misses = (a - b for a, b in zip(after, before))
     n, d = hits + misses + subs, d_hits + d_misses + subs
     return {"expert_hits": hits, "expert_misses": misses, "expert_substitutions": subs,
+            "decode_expert_hits": d_hits, "decode_expert_misses": d_misses,
             "exact_hit_rate": hits / n if n else 0.0, "substituted_rate": subs / n if n else 0.0,
             "hit_or_substituted_rate": (hits + subs) / n if n else 0.0,
             "decode_exact_hit_rate": d_hits / d if d else 0.0, "decode_substituted_rate": subs / d if d else 0.0,
@@ -253,16 +254,22 @@ def measure_decode(engine, prompts: list[list[int]], max_tokens: int = 32, alpha
             engine.generate(prompts[0], max_tokens=max_tokens, temperature=0, substitution_alpha=alpha)
             prompts = prompts[1:]
         before = _counters(engine)
-        toks, secs, per = 0, 0.0, []
+        toks, secs, per, gen_toks = 0, 0.0, [], 0
+        cpu0 = time.process_time()
         for p in prompts:
             s = engine.generate(p, max_tokens=max_tokens, temperature=0, substitution_alpha=alpha).stats
             toks += s["completion_tokens"] - 1  # decode steps after the first token
+            gen_toks += s["completion_tokens"]
             secs += s["decode_s"]
             per.append(s["expert_substitutions"])
+        cpu = time.process_time() - cpu0
     finally:
         engine.eos_ids = eos
-    out = {"alpha": alpha, "decode_tokens": toks, "tpot_ms": 1000 * secs / toks if toks else 0.0,
-           "decode_tok_s": toks / secs if secs else 0.0, "substitutions_per_request": per}
+    # CPU time (all threads, prefill included) per generated token: less sensitive than wall time to other
+    # processes competing for the cores; it still counts the work every miss costs (reads, conversion, hand-offs)
+    out = {"alpha": alpha, "decode_tokens": toks, "decode_seconds": secs, "tpot_ms": 1000 * secs / toks if toks else 0.0,
+           "decode_tok_s": toks / secs if secs else 0.0, "cpu_ms_per_token": 1000 * cpu / gen_toks if gen_toks else 0.0,
+           "cpu_seconds": cpu, "generated_tokens": gen_toks, "substitutions_per_request": per}
     out.update(accounting(before, _counters(engine)))
     return out
 

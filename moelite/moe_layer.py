@@ -75,6 +75,7 @@ class ExpertManager:
     loader: Loader | None = None
     miss_policy: str = "load"  # load | direct | hybrid
     prefetch: bool = False
+    prefetch_experts: int = 0  # per token, highest predicted score first; 0 = half of top-k
     layer_stats: dict[int, LayerStats] = field(default_factory=dict)
     compute_seconds: float = 0.0
     stall_seconds: float = 0.0
@@ -210,8 +211,10 @@ class ExpertManager:
                 return
         else:
             block = self.blocks[nxt]
-            pred = block.adapter.route(block.block, x, block.top_k).idx  # [N, k]
-        for e in pred.unique().tolist():
+            pred = block.adapter.route(block.block, x, block.top_k).idx  # [N, k], best first
+        # only the most confident predictions: a wrong prefetch costs a read and may evict a useful expert
+        m = self.prefetch_experts or max(1, pred.shape[1] // 2)
+        for e in pred[:, :m].unique().tolist():
             key = (nxt, e)
             if self.cache.resident(key) or key in self.inflight:
                 continue

@@ -19,6 +19,8 @@ Contract:
         step(B)     = s0 + s1 * B              decode step of B sequences (the expert loads in s0 are shared by
                                                the batch: that is what n_i G_i c becomes under batching)
         t_i         = r_i + stall + G_i * step(B + 1), compared with i's TPOT target over its tokens
+    (a running request that misses its target even without the admission does not block it: eMoE forbids
+    admissions that would *break* a target, and a lost one cannot be broken)
     G_i starts at the task's expected output length (profiled online from finished requests), is decremented
     per generated token and reset to 5% of its initial value at 0 (done by the batcher). A request whose own
     predicted TTFT (time waited + prefills admitted before it + its prefill) exceeds its target, or that cannot be

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_data  # noqa: E402
 
-PROMPTS = ("ROMEO:", "def fibonacci(n):", " = The Battle of Hastings = \n")
+# "ROMEO:" is moelite's default CLI prompt; the Gutenberg texts put a speaker's name on its own
+# line, so "ROMEO:\n" is the in-distribution form.
+PROMPTS = ("ROMEO:", "ROMEO:\n", "def fibonacci(n):", " = The Battle of Hastings = \n")
 
 
 def parse_args(argv=None):

@@ -6,7 +6,8 @@ transformers' ``Qwen2MoeExperts`` stores the experts as two stacked parameters,
 nodes, full-size zero gradients, scatter-with-accumulate).  This module registers an
 experts implementation that sorts the (token, expert) pairs by expert, gathers with
 ``index_select`` / scatters with ``index_add`` and unbinds the stacked weights once
-per call (about 2x faster than ``grouped_mm`` here for 64 experts, one thread).
+per call (about 2x faster than ``grouped_mm`` in our fp32 training-step measurement
+with 64 experts on a 2-core CPU).
 
 Only the computation changes: the parameters are the model's own, so
 ``save_pretrained`` still writes the standard Qwen2-MoE checkpoint.  Activation is

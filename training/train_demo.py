@@ -179,6 +179,8 @@ def save_checkpoint(model, tokenizer, out: Path, meta: dict):
     out.mkdir(parents=True, exist_ok=True)
     export = copy.deepcopy(model).to(torch.bfloat16)
     export.config.use_cache = True
+    # the aux loss is a training-time term: inference need not return router logits
+    export.config.output_router_logits = False
     export.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id, do_sample=True, temperature=0.8, top_p=0.95,
@@ -329,7 +331,7 @@ def main(argv=None):
             rows.append(streams[d]["train"][i:i + T + 1])
             seen[d] += T
         batch = torch.stack(rows).long()
-        out_m = model(input_ids=batch[:, :-1], use_cache=False)
+        out_m = model(input_ids=batch[:, :-1], use_cache=False, output_router_logits=True)
         logits = out_m.logits
         ce_tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1),
                                  reduction="none").view(args.batch, T)
