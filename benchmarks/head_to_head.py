@@ -514,12 +514,33 @@ def ensure_gguf(ckpt: Path, work: Path, converter: Path | None, outtype: str) ->
     runner = work / "convert_runner.py"
     runner.write_text(CONVERT_RUNNER)
     t0 = time.perf_counter()
-    ok, why = _run([sys.executable, str(runner), str(converter), str(ckpt), "--outtype", outtype, "--outfile",
+    src = _with_architectures(ckpt, work)
+    ok, why = _run([sys.executable, str(runner), str(converter), str(src), "--outtype", outtype, "--outfile",
                     str(out)], f"converting {ckpt.name} to GGUF ({outtype})")
     if not ok or not out.is_file():
         return None, why or "converter wrote no file", time.perf_counter() - t0
     stamp_file.write_text(json.dumps(stamp))
     return out, "", time.perf_counter() - t0
+
+
+def _with_architectures(ckpt: Path, work: Path) -> Path:
+    """The converter picks its model class from config.json's "architectures", which `moelite realshape` does not
+    write; for such a checkpoint, a folder of symlinks to its files with that one field added (from transformers'
+    causal-LM class for the model_type) is converted instead."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    if cfg.get("architectures"):
+        return ckpt
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg["model_type"]]]
+    stage = work / "convert-src" / ckpt.name
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    for f in ckpt.iterdir():
+        if f.is_file() and f.name != "config.json":
+            (stage / f.name).symlink_to(f.resolve())
+    (stage / "config.json").write_text(json.dumps(cfg, indent=1))
+    return stage
 
 
 def ensure_realshape(path: Path, demo: Path, layers: int) -> tuple[bool, str, float]:

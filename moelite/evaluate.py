@@ -13,8 +13,11 @@ Contract:
     normalised) on the 6-lines-per-item file (context, gold 0-3, 4 endings).
   - `measure_decode(engine, prompts, max_tokens, alpha)` -> decode speed (time per output token, tok/s) and hit
     rates of greedy generation of `max_tokens` tokens per prompt (eos ignored; the first prompt warms the cache).
-  - `moelite eval`: a JSON line last; `--alpha-sweep 0,0.1,...` also writes a markdown table, a JSON file and a PNG
-    (decode tok/s and perplexity vs alpha at the given budget) under `--out`.
+  - `measure_interleaved({label: (engine, alpha)}, prompts, ...)`: the same, for engines alive together and run
+    prompt by prompt in turn, so that on a shared machine every configuration sees the same background load.
+  - `moelite eval`: a JSON line last; `--alpha-sweep 0,0.1,...` measures the speed of all alphas interleaved, then
+    quality alpha by alpha, and writes a markdown table, a JSON file and a PNG (decode tok/s, hit rates and
+    perplexity vs alpha at the given budget) under `--out`.
 Data: `--data-dir` defaults to ../shared/data next to the repository when it exists; nothing is copied.
 """
 
@@ -24,6 +27,7 @@ import bz2
 import gc
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -274,6 +278,42 @@ def measure_decode(engine, prompts: list[list[int]], max_tokens: int = 32, alpha
     return out
 
 
+def measure_interleaved(engines: dict, prompts: list[list[int]], max_tokens: int = 32, rounds: int = 12,
+                        log=None) -> dict[str, dict]:
+    """Fair speed comparison on a busy machine. `engines` maps label -> (engine, alpha), all alive. Each engine is
+    warmed with prompts[0]; then each round runs one prompt (rotating over prompts[1:]) on every engine, in an order
+    rotated per round, so all see the same background load. Per label: median per-prompt TPOT, pooled CPU ms per
+    token, decode hit rates over all measured steps."""
+    labels = list(engines)
+    for label in labels:
+        eng, a = engines[label]
+        measure_decode(eng, prompts[:1], max_tokens, a, warmup=False)
+    per: dict[str, list[dict]] = {label: [] for label in labels}
+    rest = prompts[1:] or prompts
+    for rnd in range(rounds):
+        shift = rnd % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            eng, a = engines[label]
+            per[label].append(measure_decode(eng, [rest[rnd % len(rest)]], max_tokens, a, warmup=False))
+        if log and (rnd + 1) % max(1, rounds // 4) == 0:
+            log(f"round {rnd + 1}/{rounds}")
+    out = {}
+    for label, rs in per.items():
+        tot = {k: sum(r[k] for r in rs) for k in ("decode_expert_hits", "decode_expert_misses", "expert_substitutions",
+                                                  "decode_tokens", "decode_seconds", "cpu_seconds", "generated_tokens")}
+        d = tot["decode_expert_hits"] + tot["decode_expert_misses"] + tot["expert_substitutions"]
+        tp = statistics.median(r["tpot_ms"] for r in rs)
+        out[label] = {"alpha": engines[label][1], "tpot_ms": tp, "decode_tok_s": 1000 / tp if tp else 0.0,
+                      "tpot_ms_pooled": 1000 * tot["decode_seconds"] / max(1, tot["decode_tokens"]),
+                      "cpu_ms_per_token": 1000 * tot["cpu_seconds"] / max(1, tot["generated_tokens"]),
+                      "decode_exact_hit_rate": tot["decode_expert_hits"] / d if d else 0.0,
+                      "decode_substituted_rate": tot["expert_substitutions"] / d if d else 0.0,
+                      "decode_hit_or_substituted_rate": (tot["decode_expert_hits"] + tot["expert_substitutions"]) / d
+                      if d else 0.0, "substitutions_per_request": [r["expert_substitutions"] for r in rs],
+                      "prompts_measured": len(rs)}
+    return out
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def _load(args, **overrides):
     from .cli import engine_config
@@ -309,10 +349,13 @@ def _read_ids(engine, path: Path, max_tokens: int, window: int) -> list[int]:
     return engine.tokenizer.encode(text[:budget_chars], add_special_tokens=False, verbose=False)
 
 
-def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: dict, engine=None) -> dict:
+def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: dict, engine=None,
+                speed: dict | None = None) -> dict:
     engine = engine or _load(args, substitution_alpha=alpha)
     row: dict = {"alpha": alpha, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy}
-    if args.speed_prompts > 0 and ids_by_file:
+    if speed is not None:
+        row["speed"] = speed
+    elif args.speed_prompts > 0 and ids_by_file:
         prompts = prompts_from_ids(next(iter(ids_by_file.values())), args.speed_prompts + 1)  # +1: warm-up
         row["speed"] = measure_decode(engine, prompts, args.speed_tokens, alpha)
     row["texts"] = {name: compare_text(engine, ids, alpha, reference, args.window, args.stride, args.max_tokens)
@@ -324,13 +367,14 @@ def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: di
 
 def sweep_table(rows: list[dict]) -> str:
     names = list(rows[0]["texts"])
-    head = ["alpha", "decode tok/s", "TPOT ms", "exact hit (decode)", "substituted", "hit+sub"]
+    head = ["alpha", "decode tok/s", "TPOT ms", "CPU ms/token", "exact hit (decode)", "substituted", "hit+sub"]
     for nm in names:
         head += [f"ppl {nm}", f"ppl/exact {nm}", f"top-1 {nm}", f"KL {nm}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r.get("speed", {})
         cells = [f"{r['alpha']:g}", f"{s.get('decode_tok_s', 0):.2f}", f"{s.get('tpot_ms', 0):.1f}",
+                 f"{s.get('cpu_ms_per_token', 0):.1f}",
                  f"{s.get('decode_exact_hit_rate', 0):.1%}", f"{s.get('decode_substituted_rate', 0):.1%}",
                  f"{s.get('decode_hit_or_substituted_rate', 0):.1%}"]
         for nm in names:
@@ -400,9 +444,18 @@ def cmd_eval(args) -> int:
     first = _load(args, substitution_alpha=alphas[0])
     ids_by_file = {text_name(p): _read_ids(first, p, args.max_tokens, args.window) for p in _texts(args)}
     reference = None if args.no_reference else Reference(_load(args, expert_budget="100%", substitution_alpha=0.0))
+    speeds: dict = {}
+    if len(alphas) > 1 and args.speed_prompts > 0 and ids_by_file:
+        # speed of all alphas measured interleaved (fresh engines alive together), before any quality pass
+        engines = {a: (_load(args, substitution_alpha=a), a) for a in alphas}
+        prompts = prompts_from_ids(next(iter(ids_by_file.values())), args.speed_prompts + 1)
+        speeds = measure_interleaved(engines, prompts, args.speed_tokens, args.speed_rounds,
+                                     None if args.json else (lambda m: print(f"speed: {m}", file=sys.stderr)))
+        del engines
+        gc.collect()
     name, rows = first.path.name, []
     for a in alphas:
-        row = evaluate_at(args, a, reference, ids_by_file, engine=first)
+        row = evaluate_at(args, a, reference, ids_by_file, engine=first, speed=speeds.get(a))
         first = None
         rows.append(row)
         gc.collect()  # free this alpha's engine (a web of cycles) before loading the next
@@ -442,6 +495,8 @@ def register_cli(sub) -> None:
     p.add_argument("--alpha-sweep", default=None, help="comma-separated alphas, e.g. 0,0.1,0.25,0.4")
     p.add_argument("--speed-prompts", type=int, default=3, help="prompts for the decode-speed measurement (0: skip)")
     p.add_argument("--speed-tokens", type=int, default=32, help="tokens generated per speed prompt")
+    p.add_argument("--speed-rounds", type=int, default=12,
+                   help="with --alpha-sweep: prompts per alpha in the interleaved speed measurement")
     p.add_argument("--no-reference", action="store_true", help="skip the exact-model comparison")
     p.add_argument("--out", default="benchmarks/results/smoe", help="folder for the sweep table, JSON and PNG")
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
