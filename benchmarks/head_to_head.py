@@ -642,7 +642,7 @@ def plan(args, demo: Path, rs: Path | None, demo_gguf, rs_gguf, trace, setup_not
             rows.append(Row(section, "HF transformers + accelerate offload", "hf", ckpt.name, True,
                             dict(base, engine="hf", hf={"mode": "offload", "max_memory": int(hf_mem),
                                                         "offload_folder": str(off)}),
-                            f"bf16, device_map=auto, max_memory cpu={hf_mem / 2**30:.2f} GiB "
+                            f"bf16, device_map=auto, max_memory cpu={_size(hf_mem)} "
                             f"(dense + {args.budget} of experts), rest to disk"))
         if gguf is not None:
             rows.append(Row(section, "llama.cpp (llama-cpp-python, mmap)", "llama", ckpt.name, capped,
@@ -678,6 +678,10 @@ def plan(args, demo: Path, rs: Path | None, demo_gguf, rs_gguf, trace, setup_not
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
+def _size(b: float) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+
+
 def _gib(b) -> str:
     return f"{b / 2**30:.2f}" if isinstance(b, (int, float)) and b is not None else "-"
 
