@@ -138,7 +138,8 @@ def run_interleaved(model, base: EngineConfig, configs: list[tuple[str, dict]], 
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| step | decode tok/s | TPOT ms | vs previous | CPU ms/token | exact hit (decode) | substituted | hit+sub | "
+    head = ("| step | decode tok/s | TPOT ms | vs previous | CPU ms/token | exact hit (decode) | substituted "
+            "| hit+sub | "
             "prefetch precision | misses loaded / direct |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     prev = None
@@ -208,7 +209,8 @@ def main(argv=None) -> int:
     summary = {
         "model": Path(args.model).name, "expert_budget": args.expert_budget, "alpha": args.alpha,
         "hardware": hardware(), "torch_threads": args.num_threads, "prompts": args.prompts, "tokens": args.tokens,
-        "rounds": args.rounds, "interleaved": bool(args.interleave and not args.replay), "replay": Path(args.replay).name if args.replay else None,
+        "rounds": args.rounds, "interleaved": bool(args.interleave and not args.replay),
+        "replay": Path(args.replay).name if args.replay else None,
         "prefetch_available": HAS_PREFETCH, "hybrid_available": HAS_HYBRID,
         "best_exact": {"config": best["config_label"], "tpot_ms": best["tpot_ms"], "decode_tok_s": best["decode_tok_s"],
                        "decode_exact_hit_rate": best["decode_exact_hit_rate"]},
@@ -240,7 +242,7 @@ def main(argv=None) -> int:
           "\nWithout substitution (alpha 0), every cache policy and switch:\n",
           table([{"step": r["config_label"], **r} for r in exact]).replace("| vs previous ", "| vs row above "),
           "\nWith substitution (alpha %g), other policies and switches:\n" % args.alpha,
-          table([{"step": r["config_label"], **r} for r in subst]).replace("| vs previous ", "| vs row above "),
+          table([{**r, "step": r["config_label"]} for r in subst]).replace("| vs previous ", "| vs row above "),
           f"\nBest without substitution: **{best['config_label']}**, {best['decode_tok_s']:.2f} tok/s. "
           f"Full stack ({full_label}): {full['decode_tok_s']:.2f} tok/s, "
           f"**{summary['speedup_full_vs_best_exact']:.2f}x**; cache router step alone "
@@ -249,7 +251,8 @@ def main(argv=None) -> int:
           f"**{summary['speedup_best_substitution_vs_best_exact']:.2f}x**, decode hit+substituted "
           f"{best_sub['decode_hit_or_substituted_rate']:.1%}."
           + (f" Ceiling with every expert resident (100% budget, warm): {res[ceiling]['decode_tok_s']:.2f} tok/s, "
-             f"so no miss handling at this budget can be more than {summary['max_possible_speedup_vs_best_exact']:.2f}x "
+             "so no miss handling at this budget can be more than "
+             f"{summary['max_possible_speedup_vs_best_exact']:.2f}x "
              "faster than the best exact policy." if args.ceiling else "") + "\n"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ A thin wrapper over `moelite eval --alpha-sweep` that fixes the evaluation texts
   - optionally HellaSwag (--hellaswag-limit items).
 Outputs alpha_sweep_<budget>_<policy>.{md,json,png} under --out.
 
-  nice -n 10 python benchmarks/alpha_sweep.py --model moelite/demo_model --expert-budget 25% --alphas 0,0.1,0.2,0.25,0.3,0.4,0.5
+  nice -n 10 python benchmarks/alpha_sweep.py --model moelite/demo_model --expert-budget 25% \
+      --alphas 0,0.1,0.15,0.2,0.25,0.3,0.4,0.5
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main(argv=None) -> int:
     p.add_argument("--hellaswag-limit", type=int, default=0, help="HellaSwag items (0: skip)")
     p.add_argument("--speed-prompts", type=int, default=6)
     p.add_argument("--speed-tokens", type=int, default=48)
+    p.add_argument("--speed-rounds", type=int, default=18, help="prompts per alpha, measured interleaved")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smoe"))
     p.add_argument("extra", nargs="*", help="further engine flags for moelite eval, after --")
     args = p.parse_args(argv)
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
         cmd = ["eval", "--model", args.model, "--expert-budget", args.expert_budget, "--cache-policy",
                args.cache_policy, "--alpha-sweep", args.alphas, "--text", str(data / "wikitext-2" / "test.txt"),
                "--text", str(shakespeare), "--max-tokens", str(args.max_tokens), "--speed-prompts",
-               str(args.speed_prompts), "--speed-tokens", str(args.speed_tokens), "--out", args.out,
+               str(args.speed_prompts), "--speed-tokens", str(args.speed_tokens), "--speed-rounds",
+               str(args.speed_rounds), "--out", args.out,
                "--num-threads", "1", "--data-dir", str(data), *args.extra]
         if args.hellaswag_limit:
             cmd += ["--hellaswag", "--limit", str(args.hellaswag_limit)]

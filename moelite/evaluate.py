@@ -271,7 +271,8 @@ def measure_decode(engine, prompts: list[list[int]], max_tokens: int = 32, alpha
         engine.eos_ids = eos
     # CPU time (all threads, prefill included) per generated token: less sensitive than wall time to other
     # processes competing for the cores; it still counts the work every miss costs (reads, conversion, hand-offs)
-    out = {"alpha": alpha, "decode_tokens": toks, "decode_seconds": secs, "tpot_ms": 1000 * secs / toks if toks else 0.0,
+    out = {"alpha": alpha, "decode_tokens": toks, "decode_seconds": secs,
+           "tpot_ms": 1000 * secs / toks if toks else 0.0,
            "decode_tok_s": toks / secs if secs else 0.0, "cpu_ms_per_token": 1000 * cpu / gen_toks if gen_toks else 0.0,
            "cpu_seconds": cpu, "generated_tokens": gen_toks, "substitutions_per_request": per}
     out.update(accounting(before, _counters(engine)))

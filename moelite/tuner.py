@@ -2,8 +2,9 @@
 
 Contract:
   - `tune(path, config, target_tpot_ms=None | target_tok_s=None, alphas=..., prompts=..., ...)` measures the time per
-    output token T(alpha) of greedy decoding on a calibration prompt set at each grid alpha (a fresh engine per alpha,
-    same budget and policies, one warm-up prompt, median over `repeats`), fits a polynomial of degree <= `degree` to
+    output token T(alpha) of greedy decoding on a calibration prompt set at each grid alpha (same budget and
+    policies; by default one engine per alpha, all alive and alternated prompt by prompt so that every alpha sees
+    the same background load; median per-prompt TPOT), fits a polynomial of degree <= `degree` to
     T(alpha) (SMoE: close to linear, decreasing), and picks the smallest alpha in [min grid, max grid] (step 0.005)
     whose fitted T meets the target. It then measures the quality cost of that alpha against the exact model (100%
     budget, alpha 0) on a quality text through the decode path: top-1 agreement, mean KL(exact || tuned), perplexity
@@ -16,6 +17,7 @@ Targets are given either as time per output token (`--target-tpot-ms`) or as dec
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import statistics
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import Reference, compare_text, default_data_dir, measure_decode, parse_alphas
+from .evaluate import (Reference, compare_text, default_data_dir, measure_decode, measure_interleaved,
+                       parse_alphas)
 
 DEFAULT_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5"
 
@@ -81,7 +84,7 @@ def calibration_prompts(engine, prompts_path: str | None = None, n: int = 6) -> 
 def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float | None = None,
          alphas: list[float] | None = None, prompts_path: str | None = None, n_prompts: int = 6,
          max_tokens: int = 32, repeats: int = 1, degree: int = 1, quality_text: str | Path | None = None,
-         quality_tokens: int = 384, log=None) -> dict:
+         quality_tokens: int = 384, log=None, interleave: bool = True) -> dict:
     from .engine import Engine
 
     target = _target_ms(target_tpot_ms, target_tok_s)
@@ -89,7 +92,17 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
     if repeats < 1 or n_prompts < 2 or max_tokens < 2:
         raise ValueError("repeats >= 1, prompts >= 2 and max_tokens >= 2 are required")
     points = []
-    for a in alphas:
+    keys = ("alpha", "tpot_ms", "decode_tok_s", "cpu_ms_per_token", "decode_exact_hit_rate", "decode_substituted_rate")
+    if interleave:  # all grid engines alive, alternated prompt by prompt: the same background load for every alpha
+        engines = {a: (Engine(path, config.replace(substitution_alpha=a), progress=False), a) for a in alphas}
+        prompts = calibration_prompts(next(iter(engines.values()))[0], prompts_path, n_prompts + 1)
+        res = measure_interleaved(engines, prompts, max_tokens, n_prompts * repeats)
+        for a in alphas:
+            points.append({k: res[a][k] for k in keys})
+            engines[a][0].close()
+        del engines
+        gc.collect()
+    for a in alphas if not interleave else ():
         runs = []
         for _ in range(repeats):
             eng = Engine(path, config.replace(substitution_alpha=a), progress=False)
@@ -99,12 +112,10 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
             del eng
             gc.collect()  # free the slot pool before the next engine (an engine is a web of cycles)
         tp = statistics.median(r["tpot_ms"] for r in runs)
-        point = {"alpha": a, "tpot_ms": tp, "decode_tok_s": 1000 / tp if tp else 0.0,
-                 "decode_exact_hit_rate": runs[-1]["decode_exact_hit_rate"],
-                 "decode_substituted_rate": runs[-1]["decode_substituted_rate"]}
-        points.append(point)
-        if log:
-            log(point)
+        mid = min(runs, key=lambda r: abs(r["tpot_ms"] - tp))
+        points.append({**{k: mid[k] for k in keys}, "tpot_ms": tp, "decode_tok_s": 1000 / tp if tp else 0.0})
+    for point in points if log else ():
+        log(point)
     pick = fit_and_pick([p["alpha"] for p in points], [p["tpot_ms"] for p in points], target, degree)
     result = {"model": Path(path).name if path else "demo", "expert_budget": config.expert_budget,
               "cache_policy": config.cache_policy, "miss_policy": getattr(config, "miss_policy", None),
@@ -114,7 +125,8 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
         tuned = Engine(path, config.replace(substitution_alpha=pick["alpha"]), progress=False)
         exact = Engine(path, config.replace(expert_budget="100%", substitution_alpha=0.0), progress=False)
         text = Path(quality_text).read_text(encoding="utf-8", errors="replace")
-        ids = tuned.encode(text[-max(20_000, quality_tokens * 16):])  # the tail of the file
+        ids = tuned.tokenizer.encode(text[-max(20_000, quality_tokens * 16):], add_special_tokens=False,
+                                     verbose=False)  # the tail of the file, scored in windows
         q = compare_text(tuned, ids, pick["alpha"], Reference(exact), window=256, stride=128, max_tokens=quality_tokens)
         result["quality"] = {"text": Path(quality_text).name, **{k: q[k] for k in (
             "tokens", "top1_agreement", "mean_kl", "perplexity", "perplexity_exact", "perplexity_ratio",
@@ -136,7 +148,8 @@ def cmd_tune(args) -> int:
                                                   f"{p['decode_exact_hit_rate']:.1%}  substituted "
                                                   f"{p['decode_substituted_rate']:.1%}", file=sys.stderr))
     res = tune(args.model, cfg, args.target_tpot_ms, args.target_tok_s, parse_alphas(args.alphas), args.prompts,
-               args.calibration_prompts, args.tokens, args.repeats, args.degree, quality, args.quality_tokens, log)
+               args.calibration_prompts, args.tokens, args.repeats, args.degree, quality, args.quality_tokens, log,
+               args.interleave)
     if not args.json:
         verdict = "meets" if res["met"] else "cannot meet (fastest measured shown)"
         line = f"alpha = {res['alpha']:g} {verdict} the target {res['target_tpot_ms']:.2f} ms/token " \
@@ -163,7 +176,11 @@ def register_cli(sub) -> None:
     p.add_argument("--prompts", default=None, help="calibration prompts file (default: the built-in set)")
     p.add_argument("--calibration-prompts", type=int, default=6, help="prompts measured per alpha")
     p.add_argument("--tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--repeats", type=int, default=1, help="measurements per alpha (median)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the calibration prompts per alpha")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep one engine per grid alpha alive and alternate them prompt by prompt (fair on a busy "
+                        "machine); off: a fresh engine per alpha and repeat, median (for slot pools too big to "
+                        "hold several)")
     p.add_argument("--degree", type=int, default=1, help="degree of the T(alpha) polynomial fit")
     p.add_argument("--quality-text", default=None, help="text for the quality cost (default: WikiText-2 valid tail)")
     p.add_argument("--quality-tokens", type=int, default=384, help="scored tokens for the quality cost")

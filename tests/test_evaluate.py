@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import moelite
-from moelite.evaluate import (Reference, compare_text, decode_logprobs, hellaswag, measure_decode, read_hellaswag,
-                              windows)
+from moelite.evaluate import (Reference, compare_text, decode_logprobs, hellaswag, measure_decode, measure_interleaved,
+                              read_hellaswag, windows)
 from moelite.tuner import fit_and_pick
 
 from conftest import SHARED_DATA
@@ -60,7 +60,8 @@ def test_reference_comparison(tiny):
     sub = compare_text(moelite.load(path, expert_budget="25%"), ids, 0.7, ref, window=32, stride=16, max_tokens=40)
     assert sub["tokens"] == 40 and sub["expert_substitutions"] > 0 and sub["mean_kl"] > 1e-6
     assert 0 < sub["decode_substituted_rate"] < 1
-    assert abs(sub["decode_exact_hit_rate"] + sub["decode_substituted_rate"] - sub["decode_hit_or_substituted_rate"]) < 1e-12
+    rates = sub["decode_exact_hit_rate"] + sub["decode_substituted_rate"]
+    assert abs(rates - sub["decode_hit_or_substituted_rate"]) < 1e-12
 
 
 def test_measure_decode_counts(tiny):
@@ -69,6 +70,19 @@ def test_measure_decode_counts(tiny):
     r = measure_decode(eng, prompts, 6, 0.5)
     assert r["decode_tokens"] == 2 * 5 and r["tpot_ms"] > 0 and len(r["substitutions_per_request"]) == 2
     assert sum(r["substitutions_per_request"]) == r["expert_substitutions"]
+
+
+def test_measure_interleaved(tiny):
+    path = tiny("mixtral")
+    engines = {"exact": (moelite.load(path, expert_budget="25%"), 0.0),
+               "sub": (moelite.load(path, expert_budget="25%"), 0.5)}
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+    res = measure_interleaved(engines, prompts, 5, rounds=3)
+    assert res["exact"]["prompts_measured"] == 3 and res["exact"]["substitutions_per_request"] == [0, 0, 0]
+    assert sum(res["sub"]["substitutions_per_request"]) > 0 and res["sub"]["tpot_ms"] > 0
+    for r in res.values():
+        rates = r["decode_exact_hit_rate"] + r["decode_substituted_rate"]
+        assert abs(rates - r["decode_hit_or_substituted_rate"]) < 1e-12
 
 
 def test_hellaswag_scoring(tiny, tmp_path):
