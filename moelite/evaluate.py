@@ -425,8 +425,18 @@ def sweep_plot(rows: list[dict], path: Path, title: str) -> None:
     else:
         bx.set_ylabel("perplexity")
     bx.set_xlabel("substitution alpha")
-    bx.legend(fontsize=8)
-    bx.set_title("perplexity (teacher-forced decode path)", fontsize=9)
+    if "top1_agreement" in next(iter(rows[0]["texts"].values()), {}):
+        cx = bx.twinx()
+        for name, color in zip(rows[0]["texts"], colors):
+            cx.plot(alphas, [100 * r["texts"][name]["top1_agreement"] for r in rows], "x:", color=color,
+                    label=f"top-1 agreement {name}")
+        cx.set_ylabel("top-1 agreement with the exact model (%), dotted")
+        h1, l1 = bx.get_legend_handles_labels()
+        h2, l2 = cx.get_legend_handles_labels()
+        bx.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+    else:
+        bx.legend(fontsize=8)
+    bx.set_title("perplexity and top-1 agreement (teacher-forced decode path)", fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
