@@ -31,3 +31,12 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="session", params=ARCHS)
 def arch(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared machine two threads spin against each other and the tests crawl."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,13 +16,7 @@ from conftest import SHARED_DATA
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared machine two threads spin against each other and the tests crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_windows_score_every_token_once():
     for n, w, s in [(10, 4, 2), (100, 32, 16), (7, 8, 8), (33, 16, 5)]:

@@ -9,13 +9,7 @@ from moelite.substitution import _plan_batch, cache_router, plan
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a small shared machine two threads spin against each other and the tests crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def reference(probs, choice, idx, alpha, resident):
     """Algorithm 1 written out token by token with Python sets (the spec the vectorised router must match)."""
