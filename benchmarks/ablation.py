@@ -175,10 +175,19 @@ def main(argv=None) -> int:
                         "off: a fresh engine per configuration and round (always off with --replay)")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure every expert resident (100%% budget, warm): the bound on any miss handling")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (slots in GPU memory, misses read through host RAM)")
+    p.add_argument("--io-threads", type=int, default=2)
+    p.add_argument("--drop-page-cache", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop file pages after each read (off: the OS page cache serves as a host-RAM tier, "
+                        "the GPU setting where experts are staged from RAM)")
+    p.add_argument("--substitution-mode", default="always", choices=["always", "stall"],
+                   help="which substitutable misses the router substitutes (see moelite.substitution)")
     p.add_argument("--tag", default=None, help="output name (default: ablation_<budget>)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smoe"))
     args = p.parse_args(argv)
-    base = EngineConfig(expert_budget=args.expert_budget, num_threads=args.num_threads).validate()
+    base = EngineConfig(expert_budget=args.expert_budget, num_threads=args.num_threads, device=args.device,
+                        io_threads=args.io_threads, drop_page_cache=args.drop_page_cache,
+                        substitution_mode=args.substitution_mode).validate()
     torch.set_num_threads(args.num_threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
@@ -210,7 +219,9 @@ def main(argv=None) -> int:
     router_only = res[abl[2][0]]
     summary = {
         "model": Path(args.model).name, "expert_budget": args.expert_budget, "alpha": args.alpha,
-        "hardware": hardware(), "torch_threads": args.num_threads, "prompts": args.prompts, "tokens": args.tokens,
+        "device": args.device, "io_threads": args.io_threads, "drop_page_cache": args.drop_page_cache,
+        "substitution_mode": args.substitution_mode,
+        "hardware": hardware(args.device), "torch_threads": args.num_threads, "prompts": args.prompts, "tokens": args.tokens,
         "rounds": args.rounds, "interleaved": bool(args.interleave and not args.replay),
         "replay": Path(args.replay).name if args.replay else None,
         "prefetch_available": HAS_PREFETCH, "hybrid_available": HAS_HYBRID,

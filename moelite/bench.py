@@ -24,7 +24,7 @@ BASE_FIELDS = ("decode_tok_s", "ttft_s", "expert_hit_rate", "expert_bytes_read",
                "expert_budget_bytes", "survived")
 
 
-def hardware() -> str:
+def hardware(device: str = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -34,7 +34,13 @@ def hardware() -> str:
     except OSError:
         pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()}-core {cpu}, {mem:.0f} GiB RAM, no GPU used"
+    gpu = "no GPU used"
+    if str(device).startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.device(device))
+        gpu = f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"{os.cpu_count()}-core {cpu}, {mem:.0f} GiB RAM, {gpu}"
 
 
 def drop_file_cache(folder: Path) -> None:

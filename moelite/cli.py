@@ -30,6 +30,8 @@ _HELP = {
     "prefetch": "prefetch the next layer's predicted experts",
     "substitution_alpha": "SMoE substitution threshold (0 = exact)",
     "substitute_in_prefill": "also substitute during prefill",
+    "substitution_mode": "always (every substitutable miss, SMoE) or stall (only those that shorten the layer's "
+                         "wait for reads)",
     "num_threads": "torch CPU threads",
 }
 

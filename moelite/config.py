@@ -16,6 +16,7 @@ import torch
 
 CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
 MISS_POLICIES = ("load", "direct", "hybrid")
+SUBSTITUTION_MODES = ("always", "stall")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _UNITS = {
     "": 1, "b": 1,
@@ -104,6 +105,9 @@ class EngineConfig:
     miss_policy: str = "load"
     # SMoE substitution threshold; 0 = exact model
     substitution_alpha: float = 0.0
+    # which substitutable misses to substitute: "always" = every one (SMoE Algorithm 1); "stall" = only as many as
+    # shorten the layer's wait for reads (ceil(misses / io_threads) rounds), lowest score first
+    substitution_mode: str = "always"
     # whether substitution also applies in prefill (the paper: decode only)
     substitute_in_prefill: bool = False
     # torch CPU threads; None = 1 for small models (hidden size <= 1024), else torch's default
@@ -129,6 +133,9 @@ class EngineConfig:
             raise ValueError(f"prefetch_experts: {self.prefetch_experts!r} must be an int >= 0 (0 = half of top-k)")
         if self.miss_policy not in MISS_POLICIES:
             raise ValueError(f"miss_policy: {self.miss_policy!r} is not one of {', '.join(MISS_POLICIES)}")
+        if self.substitution_mode not in SUBSTITUTION_MODES:
+            raise ValueError(f"substitution_mode: {self.substitution_mode!r} is not one of "
+                             f"{', '.join(SUBSTITUTION_MODES)}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
         return self

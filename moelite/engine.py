@@ -119,6 +119,8 @@ class Engine:
                                      miss_policy=self.config.miss_policy, prefetch=self.config.prefetch,
                                      prefetch_experts=self.config.prefetch_experts)
         self.manager.substitute_in_prefill = self.config.substitute_in_prefill
+        self.manager.substitution_mode = self.config.substitution_mode
+        self.manager.io_parallel = max(1, self.config.io_threads)
         self.manager.substitute = cache_router  # SMoE Algorithm 1; runs only while alpha > 0
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
             self.manager.observers.append(

@@ -80,21 +80,26 @@ class ScorePolicy(Policy):
     """SMoE Eq. 3: evict the resident expert with the lowest mean gate score over the last n decode iterations.
 
     Scores of all experts (active or not) are observed per layer; a layer's window keeps its last `window`
-    per-iteration score vectors (the mean over the batch's tokens)."""
+    per-iteration score vectors (the mean over the batch's tokens). Ties (and experts of a layer with no
+    observation yet, e.g. after prefill only) go to the least recently used. The victim choice is a scan of plain
+    Python floats, kept in step with the window at each observation: no tensor op per candidate."""
 
     name = "score"
 
     def __init__(self, window: int = 8):
         self.window = window
         self.hist: dict[int, deque] = {}
-        self.mean: dict[int, torch.Tensor] = {}
-        self.lru = LRUPolicy()  # tie-break and cold start
+        self.mean: dict[int, torch.Tensor] = {}  # layer -> window sum [E]
+        self._sums: dict[int, list[float]] = {}  # the same, as floats, for victim()
+        self.clock = 0
+        self.last: dict[Key, int] = {}  # key -> access clock (recency tie-break)
 
     def on_access(self, key):
-        self.lru.on_access(key)
+        self.clock += 1
+        self.last[key] = self.clock
 
     def on_evict(self, key):
-        self.lru.on_evict(key)
+        self.last.pop(key, None)
 
     def observe_scores(self, layer, scores):
         # running window sum: O(E) per observation
@@ -106,21 +111,21 @@ class ScorePolicy(Policy):
         if len(h) > self.window:
             total -= h.popleft()
         self.mean[layer] = total
+        self._sums[layer] = total.tolist()
 
     def mean_scores(self, layer):
         total = self.mean.get(layer)
         return None if total is None else total / len(self.hist[layer])
 
     def victim(self, candidates):
-        rank = {k: i for i, k in enumerate(self.lru.order)}
+        # within a layer the window sum orders like the mean; across layers (global scope) divide by the window
+        sums, hist, last = self._sums, self.hist, self.last
 
-        def score(k):
-            m = self.mean.get(k[0])  # window sum; same order as the mean within a layer
-            if m is not None:
-                m = m / len(self.hist[k[0]])
-            return (float(m[k[1]]) if m is not None else -1.0, rank.get(k, -1))
+        def key(k):
+            row = sums.get(k[0])
+            return (row[k[1]] / len(hist[k[0]]) if row is not None else -1.0, last.get(k, 0))
 
-        return min(candidates, key=score)
+        return min(candidates, key=key)
 
 
 def make_policy(name: str, score_window: int = 8) -> Policy:

@@ -5,7 +5,8 @@ Contract:
     `run(layer, x, idx, w, scores)` computes sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token, each expert
     once for all tokens routed to it. Order: resident experts are pinned (the protection shield) and computed
     while the misses are read in the background; each miss is computed as soon as its bytes land. A miss either
-    goes into the cache ("load") or is computed straight from a read buffer without caching ("direct"); with
+    goes into the cache ("load") or is computed straight from a read buffer without caching ("direct"; on CUDA
+    that compute runs on the CPU, so the expert never crosses PCIe); with
     miss_policy="hybrid" the misses are split between the two paths by score and by their measured running
     costs so that neither path finishes much later than the other.
   - Prefetch (decode only): after routing layer L, the next MoE layer's gate is applied to layer L's input;
@@ -86,6 +87,8 @@ class ExpertManager:
     #: substitution threshold of the request(s) now decoding: a float, or a [N] tensor per token
     alpha: object = 0.0
     substitute_in_prefill: bool = False
+    substitution_mode: str = "always"  # always | stall (see substitution.cache_router)
+    io_parallel: int = 1  # reads in flight at once (I/O threads): what "stall" mode counts rounds with
     substitutions: int = 0
     #: routing source that replaces the router (trace replay on real-shape checkpoints); None = the model's gate
     replay: object = None
@@ -113,22 +116,25 @@ class ExpertManager:
         return F.linear(self.act_fn(g) * u, down).to(xs.dtype)  # [n, H]
 
     def _direct_weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read `key` into this thread's staging buffer and return gate_up / down views (no cache insertion)."""
+        """Read `key` into this thread's staging buffer and return gate_up / down views (no cache insertion).
+
+        On CPU the views are on the slot dtype. On CUDA they are float32 *host* tensors: a direct miss is computed
+        on the CPU (SMoE Algorithm 2, Fiddler), so its bytes never cross PCIe."""
         stage = self.reader.staging()
         self.reader.read_bytes(key, stage)
         lay = self.pool.layout
         h, i = lay.hidden, lay.intermediate
-        dev = self.pool.device
-        if stage.dtype != self.pool.dtype or dev.type != "cpu":
-            scratch = self._scratch()
-            scratch.copy_(stage)
+        want = self.pool.dtype if self.pool.device.type == "cpu" else torch.float32
+        if stage.dtype != want:
+            scratch = self._scratch(want)
+            scratch.copy_(stage)  # into a preallocated buffer: no allocation per miss
             stage = scratch
         return stage[: 2 * i * h].view(2 * i, h), stage[2 * i * h:].view(h, i)
 
-    def _scratch(self) -> torch.Tensor:
+    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
         buf = getattr(self, "_scratch_buf", None)
-        if buf is None:
-            buf = torch.empty(self.pool.slot_numel, dtype=self.pool.dtype, device=self.pool.device)
+        if buf is None or buf.dtype != dtype:
+            buf = torch.empty(self.pool.slot_numel, dtype=dtype)  # host memory on every device
             self._scratch_buf = buf
         return buf
 
@@ -225,8 +231,8 @@ class ExpertManager:
 
     # ---- the layer ---------------------------------------------------------------------------------------------
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None = None,
-            is_decode: bool = False) -> torch.Tensor:
-        # x [N, H], idx [N, k], w [N, k] -> out [N, H]
+            is_decode: bool = False, substituted: torch.Tensor | None = None) -> torch.Tensor:
+        # x [N, H], idx [N, k], w [N, k], substituted [N, k] bool or None -> out [N, H]
         n_tok, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
@@ -252,6 +258,24 @@ class ExpertManager:
             out.index_add_(0, ti, self.expert_forward(gate_up, down, x[ti]) * wts[s:t, None])
             self.compute_seconds += time.perf_counter() - t0
 
+        host = None  # (x, tok, wts) on the CPU for direct misses of a CUDA layer, copied before any expert kernel
+        # is queued so that the copy does not wait for them
+
+        def compute_on_host(gate_up, down, e: int) -> None:
+            hx, htok, hw = host
+            s, t = groups[e]
+            y = self.expert_forward(gate_up, down, hx[htok[s:t]]) * hw[s:t, None]  # [n, H] on the CPU
+            out.index_add_(0, tok[s:t], y.to(out.device, out.dtype))
+
+        # experts present only as substitutes: resident (or in flight for the batch) by construction, so their lookups
+        # are substitutions, not hits
+        sub_only: set[int] = set()
+        if substituted is not None:
+            n_sub = int(substituted.sum())
+            if n_sub:
+                self.substitutions += n_sub
+                stats.substitutions += n_sub
+                sub_only = set(idx[substituted].tolist()) - set(idx[~substituted].tolist())
         resident, waiting, missing = [], [], []
         for e in groups:
             key = (layer, e)
@@ -268,15 +292,18 @@ class ExpertManager:
                 self.cache.policy.on_access(key)
             else:
                 missing.append(e)
-        self.cache.hits += len(resident) + len(waiting)
+        n_hit = sum(e not in sub_only for e, _ in resident) + sum(e not in sub_only for e in waiting)
+        self.cache.hits += n_hit
         self.cache.misses += len(missing)
-        stats.hits += len(resident) + len(waiting)
+        stats.hits += n_hit
         stats.misses += len(missing)
         if is_decode:
             self.decode_misses += len(missing)
-            self.decode_hits += len(resident) + len(waiting)
+            self.decode_hits += n_hit
 
         to_load, direct = self._split_misses(layer, missing, probs)
+        if direct and x.device.type != "cpu":
+            host = (x.detach().to("cpu", torch.float32), tok.cpu(), wts.to("cpu", torch.float32))
         queue = deque(to_load)
         self._fill(layer, queue, waiting)  # start I/O before computing the resident experts
 
@@ -292,7 +319,7 @@ class ExpertManager:
             gate_up, down = self._direct_weights((layer, e))
             self.stall_seconds += time.perf_counter() - t0
             stats.bytes_read += self.pool.layout.disk_bytes
-            compute(gate_up, down, e)
+            (compute if host is None else compute_on_host)(gate_up, down, e)
             self.cost_direct.add(time.perf_counter() - t0)
         while waiting or queue:
             if not waiting:  # no slot free: lift the shield of a computed expert, else let a read land
@@ -364,7 +391,7 @@ class OffloadedMoEBlock(nn.Module):
             obs(self.layer, routing, is_decode)
         if m.substitute is not None and (is_decode or m.substitute_in_prefill) and _alpha_on(m.alpha):
             routing = m.substitute(m, self.layer, self.block, routing, m.alpha)
-        out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, is_decode)
+        out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, is_decode, routing.substituted)
         shared = self.adapter.shared(self.block, x)
         if shared is not None:
             out = out + shared

@@ -19,13 +19,18 @@ Per token n (vectorised over the N tokens of the pass; k = top-k, E = routed exp
   token); misses left without a candidate stay and are loaded (or handled by the manager's miss path). A substitute
   is weighted by its own gate score through `adapter.weigh`, which renormalises over the new set only where the
   architecture normalises top-k.
+Mode (`manager.substitution_mode`): "always" substitutes every miss it can (the paper). "stall" (beyond the paper)
+counts what a substitution saves: a layer's misses are read `P = manager.io_parallel` at a time, so it waits for
+ceil(misses / P) rounds of reads, and a substitution that does not remove a round costs accuracy for nothing. It
+substitutes the fewest low-score misses (lowest score first) that reach the fewest rounds possible, and none when
+no round can be removed. Residency (not reads in flight) decides what is a miss.
 alpha = 0 returns the routing object unchanged (the candidate window ((1-0)S, S] is empty), so outputs are bit for
 bit the exact model's.
 
-Accounting: `manager.substitutions` += substituted (token, expert) evaluations. A substitute the batch did not select
-is resident, so `ExpertManager.run` would count it as a cache hit; those lookups are taken back out of the hit counters
-here so `expert_hits` keeps counting exact hits only (SMoE's code counted substitutions as hits). For a batch of one
-token (decode): expert_hits + expert_misses + expert_substitutions = evaluations the exact model asked for.
+Accounting: the returned Routing marks substituted entries (`Routing.substituted`); `ExpertManager.run` counts them
+as substitutions and never as cache hits, so `expert_hits` keeps counting exact hits only (SMoE's code counted
+substitutions as hits). For a batch of one token (decode): expert_hits + expert_misses + expert_substitutions =
+evaluations the exact model asked for.
 """
 
 from __future__ import annotations
@@ -35,7 +40,6 @@ import math
 import torch
 
 from .arch.base import Routing
-from .moe_layer import LayerStats
 
 
 def _eligible(probs: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -84,7 +88,21 @@ def _plan_one(routing: Routing, k: int, alpha, resident):
             torch.tensor([out[1]], dtype=torch.bool, device=dev))
 
 
-def _plan_one_lists(routing: Routing, k: int, alpha, resident) -> tuple[list[int], list[bool]] | None:
+def _rounds(misses: int, parallel: int) -> int:
+    return -(-misses // parallel)
+
+
+def _stall_keep(n_missing: int, n_substitutable: int, parallel: int) -> int:
+    """How many of `n_substitutable` misses (out of `n_missing` experts to read) to substitute in "stall" mode: the
+    fewest that reach the fewest read rounds; 0 when substituting all of them would not remove a round."""
+    best = _rounds(n_missing - n_substitutable, parallel)
+    if best == _rounds(n_missing, parallel):
+        return 0
+    return max(0, n_missing - best * parallel)
+
+
+def _plan_one_lists(routing: Routing, k: int, alpha, resident, stall_parallel: int = 0
+                    ) -> tuple[list[int], list[bool]] | None:
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [1,E], [1,E], [1,k]
     e = probs.shape[1]
     if e <= k:
@@ -107,6 +125,12 @@ def _plan_one_lists(routing: Routing, k: int, alpha, resident) -> tuple[list[int
                    key=lambda t: -t[0])  # highest score first (stable: lower id first on ties)
     if not cands:
         return None
+    if stall_parallel:  # "stall" mode: only substitutions that remove a round of reads
+        n_missing = sum(not free[x] for x in sel)  # top-score misses are read regardless
+        n = _stall_keep(n_missing, min(len(misses), len(cands)), stall_parallel)
+        if n == 0:
+            return None
+        misses = misses[:n]
     new = list(sel)
     subbed = [False] * k
     for (_, j), (_, x) in zip(misses, cands):
@@ -155,35 +179,29 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
         return routing
     k = routing.idx.shape[1]
     n, e = routing.probs.shape
+    dev = routing.idx.device
+    parallel = max(1, int(getattr(manager, "io_parallel", 1))) \
+        if getattr(manager, "substitution_mode", "always") == "stall" else 0
     if n == 1:  # decode at batch 1: lists all the way (see plan)
-        out = _plan_one_lists(routing, k, alpha, _resident_list(manager, layer, e))
+        out = _plan_one_lists(routing, k, alpha, _resident_list(manager, layer, e), parallel)
         if out is None:
             return routing
-        new_idx = torch.tensor([out[0]], dtype=routing.idx.dtype, device=routing.idx.device)
-        n_sub = extra = sum(out[1])  # one token: every substitute is an expert it had not selected
+        new_idx = torch.tensor([out[0]], dtype=routing.idx.dtype, device=dev)
+        substituted = torch.tensor([out[1]], dtype=torch.bool, device=dev)
     else:
-        out = plan(routing, k, alpha, resident_mask(manager, layer, e, routing.probs.device))
+        resident = resident_mask(manager, layer, e, routing.probs.device)
+        out = plan(routing, k, alpha, resident)
         if out is None:
             return routing
         new_idx, substituted = out
-        n_sub = int(substituted.sum())
-        # substitutes no token of the batch selected are new lookups; one another token selected is counted already
-        before = set(routing.idx.reshape(-1).tolist())
-        extra = len(set(new_idx[substituted].tolist()) - before - set(new_idx[~substituted].tolist()))
-    manager.substitutions += n_sub
-    stats = manager.layer_stats.setdefault(layer, LayerStats())
-    stats.substitutions += n_sub
-    # substitutes are resident, so run() counts their lookups as hits: take those back so that expert_hits stays
-    # exact hits only
-    if extra:
-        manager.cache.hits -= extra
-        stats.hits -= extra
-        # the hook does not see is_decode: without substitute_in_prefill it only runs in decode
-        if hasattr(manager, "decode_hits") and (not manager.substitute_in_prefill or n == 1):
-            manager.decode_hits -= extra
+        if parallel:  # a batch shares its reads: keep the plan only if it removes a round of them
+            before = int((~resident[routing.idx.unique()]).sum())
+            after = int((~resident[new_idx.unique()]).sum())
+            if _rounds(after, parallel) == _rounds(before, parallel):
+                return routing
     adapter = _adapter_of(manager, block)
     weights = adapter.weigh(block, routing.probs, new_idx)  # [N,k] substitutes weighted by their own scores
-    return Routing(routing.probs, routing.choice, new_idx, weights.to(routing.weights.dtype))
+    return Routing(routing.probs, routing.choice, new_idx, weights.to(routing.weights.dtype), substituted)
 
 
 def _positive(alpha) -> bool:

@@ -309,9 +309,8 @@ def reroute_to_resident(manager, layer: int, block, routing: Routing, alpha) -> 
     """eMoE's lossy miss handling as a `manager.substitute` hook: every token's top-k is re-chosen among the
     experts of `layer` now resident, by the architecture's own ranking (`routing.choice`), i.e. a non-resident
     selection is replaced by the next-ranked resident expert. With fewer than k residents the routing is kept
-    (exact path). `alpha` is ignored (the hook runs while alpha > 0). Replaced selections are counted in
-    `manager.substitutions`; the exact-hit counter keeps counting exact hits only."""
-    from .moe_layer import LayerStats
+    (exact path). `alpha` is ignored (the hook runs while alpha > 0). Replaced selections are marked in
+    `Routing.substituted`, so the expert manager counts them as substitutions, not as exact hits."""
     from .substitution import _adapter_of, resident_mask
 
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [N, E], [N, E], [N, k]
@@ -323,17 +322,10 @@ def reroute_to_resident(manager, layer: int, block, routing: Routing, alpha) -> 
     ranked = torch.where(res[None, :] & torch.isfinite(choice), choice.float(), float("-inf"))  # [N, E]
     new_idx = torch.topk(ranked, k, dim=-1).indices  # [N, k] best resident experts per token
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True).gather(1, new_idx)  # [N, k]
-    n_sub = int((~kept).sum())
-    if n_sub == 0:
+    if bool(kept.all()):
         return routing
-    manager.substitutions += n_sub
-    # run() counts a resident substitute no token selected as an exact hit: take those back (as cache_router does)
-    extra = set(new_idx.reshape(-1).tolist()) - set(idx.reshape(-1).tolist())
-    if extra:
-        manager.cache.hits -= len(extra)
-        manager.layer_stats.setdefault(layer, LayerStats()).hits -= len(extra)
     weights = _adapter_of(manager, block).weigh(block, probs, new_idx)  # [N, k] by their own gate scores
-    return Routing(probs, choice, new_idx, weights.to(routing.weights.dtype))
+    return Routing(probs, choice, new_idx, weights.to(routing.weights.dtype), ~kept)
 
 
 def profile_sensitivity(engine, prompts_by_task: dict[str, list], max_tokens: int = 16, threshold: float = 0.85,

@@ -5,7 +5,7 @@ import torch
 
 import moelite
 from moelite.arch.base import Routing
-from moelite.substitution import _plan_batch, cache_router, plan
+from moelite.substitution import _plan_batch, _stall_keep, cache_router, plan
 
 
 
@@ -108,12 +108,27 @@ def test_substitute_weighted_by_own_score(tiny):
     for e in list(cache.resident_experts(layer)):  # make expert 2 resident, 0 and 1 not
         cache.slot_of.pop((layer, e))
     cache.slot_of[(layer, 2)] = 0
-    before = eng.manager.substitutions
     out = cache_router(eng.manager, layer, block, r, 0.25)  # S = 0.24; 0.26 is low-score, 0.30 > 1.25*0.24 is top
     assert out.idx.tolist() == [[0, 2]]
+    assert out.substituted.tolist() == [[False, True]]
     assert torch.allclose(out.weights, torch.tensor([[0.30 / 0.54, 0.24 / 0.54]]))
-    assert eng.manager.substitutions == before + 1
     assert cache_router(eng.manager, layer, block, r, 0.0) is r
+
+
+def test_run_counts_substitutes_apart_from_hits(tiny):
+    eng = moelite.load(tiny("mixtral"), expert_budget="100%")
+    m = eng.manager
+    layer = eng.layout.layers[0]
+    x = torch.randn(2, eng.hf_config.hidden_size)
+    idx = torch.tensor([[0, 1], [2, 1]])  # expert 1: a substitute for token 0, selected by token 1
+    w = torch.full((2, 2), 0.5)
+    m.run(layer, x, idx, w)  # make 0, 1, 2 resident
+    sub = torch.tensor([[False, True], [True, False]])  # expert 2 appears only as a substitute
+    h0, s0 = m.cache.hits, m.substitutions
+    m.run(layer, x, idx, w, substituted=sub)
+    assert m.substitutions - s0 == 2  # two substituted evaluations
+    assert m.cache.hits - h0 == 2  # experts 0 and 1 were asked for; 2 is a substitution, not a hit
+    assert m.layer_stats[layer].substitutions == 2
 
 
 def _decode_logits(eng, ids, alpha):
@@ -170,3 +185,33 @@ def test_full_budget_never_substitutes(tiny):
     full.eos_ids = set()
     g = full.generate(list(range(3, 12)), max_tokens=12, temperature=0, substitution_alpha=0.9)
     assert g.stats["expert_substitutions"] == 0 and g.stats["expert_misses"] == 0
+
+
+@pytest.mark.parametrize("n_missing,n_sub,parallel,want", [
+    (3, 2, 2, 1),  # 2 rounds -> 1 round needs one substitution, not two
+    (2, 1, 2, 0),  # one read round either way: substituting would cost accuracy for nothing
+    (2, 2, 2, 2),  # no read at all
+    (5, 3, 2, 3),
+    (3, 1, 1, 1),  # one reader: every miss is a round
+])
+def test_stall_mode_substitutes_only_what_removes_a_round(n_missing, n_sub, parallel, want):
+    assert _stall_keep(n_missing, n_sub, parallel) == want
+
+
+def test_stall_mode_router(tiny):
+    eng = moelite.load(tiny("mixtral", num_experts=8, num_experts_per_tok=4), expert_budget="100%",
+                       substitution_mode="stall", io_threads=2)
+    m = eng.manager
+    block = eng.model.model.layers[0].mlp.block
+    layer = eng.layout.layers[0]
+    probs = torch.tensor([[0.20, 0.19, 0.18, 0.17, 0.16, 0.10, 0.0, 0.0]])
+    idx = torch.tensor([[0, 1, 2, 3]])  # S = 0.16: with alpha 0.25 all four are low-score
+    r = Routing(probs, probs, idx, probs.gather(1, idx))
+    m.cache.slot_of.clear()
+    m.cache.slot_of[(layer, 4)], m.cache.slot_of[(layer, 3)] = 0, 1  # 3 resident; 0, 1, 2 miss; 4 a candidate
+    out = cache_router(m, layer, block, r, 0.25)  # 3 misses = 2 rounds; one substitution -> 1 round
+    assert out.idx.tolist() == [[0, 1, 4, 3]] and out.substituted.sum() == 1  # the lowest-score miss (2) goes
+    m.cache.slot_of.pop((layer, 3))  # now 4 misses, one candidate: 2 rounds either way
+    assert cache_router(m, layer, block, r, 0.25) is r
+    m.substitution_mode = "always"
+    assert cache_router(m, layer, block, r, 0.25).substituted.sum() == 1

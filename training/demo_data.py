@@ -88,13 +88,38 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
 
 
-def load_shakespeare(texts_dir: Path) -> dict[str, list[str]]:
+SPEAKER_FORMATS = ("colon", "gutenberg")
+_CONNECTORS = {"of", "and", "the", "de", "to"}
+# a speaker line: after a blank line, 1-4 capitalised words (optionally a leading ordinal such
+# as "1"), a full stop, and speech on the next line
+_SPEAKER = re.compile(r"(?m)(?<=\n\n)((?:\d )?[A-Z][A-Za-z'\-]*(?: [A-Za-z'\-]+){0,3})\.\n(?=\S)")
+
+
+def colon_speakers(text: str) -> str:
+    """``"\n\nRomeo.\nBut soft"`` -> ``"\n\nROMEO:\nBut soft"``; other lines unchanged."""
+
+    def fix(m: re.Match) -> str:
+        name = m.group(1)
+        words = name.split()
+        if any(w[0].islower() and w.lower() not in _CONNECTORS for w in words):
+            return m.group(0)  # a one-line sentence such as "Saddle my horse."
+        return name.upper() + ":\n"
+
+    return _SPEAKER.sub(fix, text)
+
+
+def load_shakespeare(texts_dir: Path, speakers: str = "colon") -> dict[str, list[str]]:
+    if speakers not in SPEAKER_FORMATS:
+        raise ValueError(f"speakers={speakers!r}: expected one of {SPEAKER_FORMATS}")
     files = sorted(p for p in texts_dir.glob("*_gut.txt"))
     if not files:
         raise SystemExit(f"no *_gut.txt files in {texts_dir}")
     out: dict[str, list[str]] = {"train": [], "heldout": []}
     for p in files:
-        out["heldout" if p.name in SHAKESPEARE_HELDOUT else "train"].append(_read(p).strip() + "\n")
+        text = _read(p).strip() + "\n"
+        if speakers == "colon":
+            text = colon_speakers(text)
+        out["heldout" if p.name in SHAKESPEARE_HELDOUT else "train"].append(text)
     return out
 
 
@@ -147,10 +172,11 @@ def load_wikipedia(data_dir: Path) -> dict[str, list[str]]:
 
 
 def load_corpus(data_dir: Path, cache_dir: Path = DEFAULT_CACHE_DIR,
-                shakespeare: str | None = None, stdlib: str | None = None) -> dict[str, dict[str, list[str]]]:
+                shakespeare: str | None = None, stdlib: str | None = None,
+                speakers: str = "colon") -> dict[str, dict[str, list[str]]]:
     """Return ``{domain: {"train": [docs], "heldout": [docs]}}``."""
     return {
-        "shakespeare": load_shakespeare(shakespeare_dir(cache_dir, shakespeare)),
+        "shakespeare": load_shakespeare(shakespeare_dir(cache_dir, shakespeare), speakers),
         "python": load_python(stdlib),
         "wikipedia": load_wikipedia(data_dir),
     }

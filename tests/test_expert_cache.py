@@ -1,0 +1,92 @@
+"""Expert cache: each policy's victim, the protection shield, partitions and the fixed capacity."""
+
+import pytest
+import torch
+
+from moelite.expert_cache import ExpertCache, make_policy
+
+
+def _cache(policy: str, slots: int = 3, scope: str = "global", layers=(0, 1)) -> ExpertCache:
+    return ExpertCache(slots, 100, make_policy(policy), list(layers), scope)
+
+
+def _insert(cache: ExpertCache, key) -> int:
+    slot = cache.acquire(key)
+    cache.commit(key, slot)
+    return slot
+
+
+def test_lru_evicts_least_recently_used():
+    c = _cache("lru")
+    for e in range(3):
+        _insert(c, (0, e))
+    c.lookup((0, 0))
+    _insert(c, (0, 3))
+    assert c.last_evicted == (0, 1) and not c.resident((0, 1)) and c.resident((0, 0))
+
+
+def test_fifo_ignores_reuse():
+    c = _cache("fifo")
+    for e in range(3):
+        _insert(c, (0, e))
+    c.lookup((0, 0))
+    _insert(c, (0, 3))
+    assert c.last_evicted == (0, 0)
+
+
+def test_lfu_keeps_frequent():
+    c = _cache("lfu")
+    for e in range(3):
+        _insert(c, (0, e))
+    for _ in range(3):
+        c.lookup((0, 0)), c.lookup((0, 2))
+    _insert(c, (0, 3))
+    assert c.last_evicted == (0, 1)
+
+
+def test_score_policy_evicts_lowest_window_mean():
+    c = _cache("score", slots=3)
+    for e in range(3):
+        _insert(c, (0, e))
+    pol = c.policy
+    pol.observe_scores(0, torch.tensor([0.5, 0.1, 0.4, 0.0]))
+    pol.observe_scores(0, torch.tensor([0.0, 0.3, 0.4, 0.3]))  # means: 0.25, 0.2, 0.4
+    c.lookup((0, 1))  # recency does not save a low-score expert
+    _insert(c, (0, 3))
+    assert c.last_evicted == (0, 1)
+    # the window forgets: after `window` more observations only they count
+    for _ in range(pol.window):
+        pol.observe_scores(0, torch.tensor([0.0, 0.9, 0.9, 0.9]))
+    _insert(c, (0, 1))
+    assert c.last_evicted == (0, 0)
+
+
+def test_score_policy_without_observations_falls_back_to_lru():
+    c = _cache("score", slots=2)
+    _insert(c, (1, 0)), _insert(c, (1, 1))
+    c.lookup((1, 0))
+    _insert(c, (1, 2))
+    assert c.last_evicted == (1, 1)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "score"])
+def test_shield_pinned_slots_are_never_evicted(policy):
+    c = _cache(policy, slots=2)
+    a, b = _insert(c, (0, 0)), _insert(c, (0, 1))
+    c.pin(a), c.pin(b)
+    assert not c.can_acquire(0)
+    with pytest.raises(RuntimeError, match="pinned"):
+        c.acquire((0, 2))
+    c.unpin(a)
+    assert c.can_acquire(0)
+    _insert(c, (0, 2))
+    assert c.last_evicted == (0, 0) and c.resident((0, 1))
+    assert c.resident_peak <= c.n_slots * c.slot_bytes
+
+
+def test_layer_scope_partitions_slots():
+    c = _cache("lru", slots=4, scope="layer")
+    _insert(c, (0, 0)), _insert(c, (0, 1))
+    _insert(c, (1, 0)), _insert(c, (1, 1))
+    _insert(c, (0, 2))  # layer 0 evicts its own, never layer 1's
+    assert c.last_evicted[0] == 0 and c.resident((1, 0)) and c.resident((1, 1))
