@@ -1,7 +1,7 @@
 """Background expert loading.
 
 Contract: `Loader.submit(key, slot)` queues a read of expert `key` into `slot` on a small pool of I/O threads and
-returns a `Future` (its result is a CUDA event to wait on, or None on CPU). At most `max_pending` reads are queued;
+returns a `Future` whose result is (CUDA event to wait on or None on CPU, seconds the read itself took on its thread). At most `max_pending` reads are queued;
 `Future.cancel()` drops a read that has not started (mispredicted prefetches). Positional reads release the GIL,
 so I/O overlaps with compute on the main thread. All cache bookkeeping stays on the main thread.
 """
@@ -9,9 +9,17 @@ so I/O overlaps with compute on the main thread. All cache bookkeeping stays on 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from .expert_store import ExpertReader
+
+
+def timed_read(reader: ExpertReader, key, slot: int):
+    """(event or None, seconds): the read's own duration, without the time it waited in the queue."""
+    t0 = time.perf_counter()
+    event = reader.read_into(key, slot)
+    return event, time.perf_counter() - t0
 
 
 class Loader:
@@ -23,7 +31,7 @@ class Loader:
     def submit(self, key, slot: int) -> Future:
         if not self.slots.acquire(timeout=60):
             raise RuntimeError("expert loader queue is full")
-        fut = self.pool.submit(self.reader.read_into, key, slot)
+        fut = self.pool.submit(timed_read, self.reader, key, slot)
         fut.add_done_callback(lambda _f: self.slots.release())
         return fut
 

@@ -31,7 +31,7 @@ from torch import nn
 from .arch.base import ArchAdapter, Routing
 from .expert_cache import ExpertCache
 from .expert_store import ExpertReader, SlotPool
-from .loader import Loader
+from .loader import Loader, timed_read
 
 Key = tuple[int, int]
 
@@ -154,7 +154,7 @@ class ExpertManager:
         if self.loader is None:
             fut: Future = Future()
             try:
-                fut.set_result(self.reader.read_into(key, slot))
+                fut.set_result(timed_read(self.reader, key, slot))
             except BaseException as exc:  # surfaced by _finish
                 fut.set_exception(exc)
         else:
@@ -167,7 +167,7 @@ class ExpertManager:
         slot, fut, is_prefetch, t_submit = self.inflight.pop(key)
         t0 = time.perf_counter()
         try:
-            event = fut.result()
+            event, read_seconds = fut.result()
         except BaseException:
             self.cache.unpin(slot)
             self.cache.release(slot)
@@ -176,8 +176,9 @@ class ExpertManager:
             torch.cuda.current_stream(self.pool.device).wait_event(event)
         self.stall_seconds += time.perf_counter() - t0
         self.layer_stats.setdefault(key[0], LayerStats()).bytes_read += self.pool.layout.disk_bytes
-        if not is_prefetch:
-            self.cost_load.add(time.perf_counter() - t_submit)
+        # a load's cost to the layer: its read time shared by the readers working in parallel (not its time in the
+        # queue, which grows with the number of loads and would bias the hybrid split towards direct)
+        self.cost_load.add(read_seconds / (self.io_parallel if self.loader is not None else 1))
         self.cache.commit(key, slot, count_miss=False)
         return slot
 
