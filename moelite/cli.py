@@ -178,14 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands that live beside the concern they wrap: each module has register_cli(subparsers)
     import importlib
 
+    missing = []
     for name in _SUBCOMMAND_MODULES:
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
+            # a broken install (a dependency removed) must not take the other commands down with it
+            if exc.name and not exc.name.startswith("moelite"):
+                missing.append(f"{name.rsplit('.', 1)[1]} (needs {exc.name}: pip install {exc.name})")
             continue
         mod.register_cli(sub)
+    if missing:
+        p.epilog = "unavailable here: " + "; ".join(missing)
     return p
 
 
