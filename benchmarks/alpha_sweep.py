@@ -34,9 +34,11 @@ def heldout_shakespeare(tmp: Path, data_dir: Path | None) -> tuple[Path, str]:
         files = [texts / name for name in demo_data.SHAKESPEARE_HELDOUT]
         if all(f.is_file() for f in files):
             out = tmp / "shakespeare_heldout.txt"
-            out.write_text("".join(f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip() + "\n"
-                                   for f in files))
-            return out, "training split held-out works: " + ", ".join(demo_data.SHAKESPEARE_HELDOUT)
+            # speaker lines as the training corpus writes them ("ROMEO:")
+            out.write_text("".join(demo_data.colon_speakers(
+                f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip() + "\n") for f in files))
+            return out, ("training split held-out works, speakers as 'NAME:': "
+                         + ", ".join(demo_data.SHAKESPEARE_HELDOUT))
     except ImportError:
         pass
     if data_dir is None or not (data_dir / "tinyshakespeare" / "input.txt").is_file():
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=str(ROOT / "moelite" / "demo_model"))
     p.add_argument("--expert-budget", default="25%")
     p.add_argument("--cache-policy", default="lru")
+    p.add_argument("--substitution-mode", default="always", choices=["always", "stall"])
     p.add_argument("--alphas", default="0,0.1,0.2,0.25,0.3,0.4,0.5")
     p.add_argument("--data-dir", default=str(default_data_dir()) if default_data_dir() else None)
     p.add_argument("--max-tokens", type=int, default=1024, help="scored tokens per text")
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         shakespeare, source = heldout_shakespeare(Path(tmp), data)
         print(f"held-out Shakespeare: {source}", file=sys.stderr)
         cmd = ["eval", "--model", args.model, "--expert-budget", args.expert_budget, "--cache-policy",
-               args.cache_policy, "--alpha-sweep", args.alphas, "--text", str(data / "wikitext-2" / "test.txt"),
+               args.cache_policy, "--substitution-mode", args.substitution_mode, "--alpha-sweep", args.alphas, "--text", str(data / "wikitext-2" / "test.txt"),
                "--text", str(shakespeare), "--max-tokens", str(args.max_tokens), "--speed-prompts",
                str(args.speed_prompts), "--speed-tokens", str(args.speed_tokens), "--speed-rounds",
                str(args.speed_rounds), "--out", args.out,

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -103,6 +104,11 @@ class Engine:
         self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * self.dtype.itemsize
                                for n, t in ckpt.tensors.items() if n not in experts)
         if self.device.type == "cuda":
+            # cuDNN's attention backend plans a graph per new sequence length, i.e. at every decode step (about
+            # 7 ms per layer measured on an H100 with torch 2.11); flash / memory-efficient kernels need no plan.
+            # Process-wide; MOELITE_CUDNN_SDPA=1 keeps it.
+            if os.environ.get("MOELITE_CUDNN_SDPA") != "1":
+                torch.backends.cuda.enable_cudnn_sdp(False)
             free, _ = torch.cuda.mem_get_info(self.device)
             if self.dense_bytes + n_slots * slot_bytes > free:
                 raise ValueError(

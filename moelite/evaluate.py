@@ -478,6 +478,8 @@ def cmd_eval(args) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         tag = f"alpha_sweep_{str(args.expert_budget).replace('%', 'pct')}_{args.cache_policy}"
+        if args.substitution_mode != "always":
+            tag += f"_{args.substitution_mode}"
         (out / f"{tag}.md").write_text(f"`moelite eval` on {name}, budget {args.expert_budget}, policy "
                                        f"{args.cache_policy}\n\n" + sweep_table(rows))
         (out / f"{tag}.json").write_text(json.dumps(result, indent=1))

@@ -33,3 +33,18 @@ def test_demo_model_matches_transformers(ref, budget):
     assert eng.generate(ids[0].tolist(), max_tokens=32, temperature=0).token_ids == ref_ids
     s = eng.stats()
     assert s["resident_expert_bytes_peak"] <= s["expert_budget_bytes"]
+
+
+def test_default_prompt_continues_as_a_play(capsys):
+    """`moelite generate --prompt "ROMEO:"` with the CLI's default sampling writes a play, not code: over five
+    seeds, no Python: the speech starts on the next line, as after the corpus' NAME: speaker lines."""
+    import json
+    import re
+
+    from moelite.cli import main
+
+    for seed in range(5):
+        assert main(["generate", "--prompt", "ROMEO:", "--seed", str(seed), "--max-tokens", "48", "--json"]) == 0
+        text = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["text"]
+        assert re.match(r"\n['A-Z]", text), text
+        assert not re.search(r"\b(def|import|self|return|class|None)\b|[=(]\s*\w+\)|    ", text), text
