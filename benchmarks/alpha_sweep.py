@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         shakespeare, source = heldout_shakespeare(Path(tmp), data)
         print(f"held-out Shakespeare: {source}", file=sys.stderr)
         cmd = ["eval", "--model", args.model, "--expert-budget", args.expert_budget, "--cache-policy",
-               args.cache_policy, "--substitution-mode", args.substitution_mode, "--alpha-sweep", args.alphas, "--text", str(data / "wikitext-2" / "test.txt"),
+               args.cache_policy, "--substitution-mode", args.substitution_mode, "--alpha-sweep", args.alphas,
+               "--text", str(data / "wikitext-2" / "test.txt"),
                "--text", str(shakespeare), "--max-tokens", str(args.max_tokens), "--speed-prompts",
                str(args.speed_prompts), "--speed-tokens", str(args.speed_tokens), "--speed-rounds",
                str(args.speed_rounds), "--out", args.out,

@@ -159,12 +159,12 @@ class ExpertManager:
                 fut.set_exception(exc)
         else:
             fut = self.loader.submit(key, slot)
-        self.inflight[key] = (slot, fut, is_prefetch, time.perf_counter())
+        self.inflight[key] = (slot, fut, is_prefetch)
         return True
 
     def _finish(self, key: Key) -> int:
         """Wait for an in-flight load, commit it to the cache; returns its (still pinned) slot."""
-        slot, fut, is_prefetch, t_submit = self.inflight.pop(key)
+        slot, fut, _ = self.inflight.pop(key)
         t0 = time.perf_counter()
         try:
             event, read_seconds = fut.result()
@@ -185,7 +185,7 @@ class ExpertManager:
     def _settle(self, layer: int, needed: set[int]) -> None:
         """Commit finished loads; cancel this layer's prefetches that routing did not ask for."""
         for key in list(self.inflight):
-            slot, fut, is_prefetch, _ = self.inflight[key]
+            slot, fut, is_prefetch = self.inflight[key]
             if key[0] == layer and key[1] not in needed and is_prefetch:
                 if fut.cancel():
                     del self.inflight[key]

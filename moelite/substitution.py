@@ -79,8 +79,8 @@ def plan(routing: Routing, k: int, alpha, resident: torch.Tensor):
     return _plan_batch(routing, k, alpha, resident)
 
 
-def _plan_one(routing: Routing, k: int, alpha, resident):
-    out = _plan_one_lists(routing, k, alpha, resident)
+def _plan_one(routing: Routing, k: int, alpha, resident, stall_parallel: int = 0):
+    out = _plan_one_lists(routing, k, alpha, resident, stall_parallel)
     if out is None:
         return None
     dev = routing.idx.device
@@ -179,15 +179,13 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
         return routing
     k = routing.idx.shape[1]
     n, e = routing.probs.shape
-    dev = routing.idx.device
     parallel = max(1, int(getattr(manager, "io_parallel", 1))) \
         if getattr(manager, "substitution_mode", "always") == "stall" else 0
     if n == 1:  # decode at batch 1: lists all the way (see plan)
-        out = _plan_one_lists(routing, k, alpha, _resident_list(manager, layer, e), parallel)
+        out = _plan_one(routing, k, alpha, _resident_list(manager, layer, e), parallel)
         if out is None:
             return routing
-        new_idx = torch.tensor([out[0]], dtype=routing.idx.dtype, device=dev)
-        substituted = torch.tensor([out[1]], dtype=torch.bool, device=dev)
+        new_idx, substituted = out
     else:
         resident = resident_mask(manager, layer, e, routing.probs.device)
         out = plan(routing, k, alpha, resident)
