@@ -182,12 +182,15 @@ def main(argv=None) -> int:
                         "the GPU setting where experts are staged from RAM)")
     p.add_argument("--substitution-mode", default="always", choices=["always", "stall"],
                    help="which substitutable misses the router substitutes (see moelite.substitution)")
+    p.add_argument("--substitution-profile", default=None,
+                   help="per-layer alpha multipliers for every substitution row (a `moelite calibrate` JSON file)")
     p.add_argument("--tag", default=None, help="output name (default: ablation_<budget>)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smoe"))
     args = p.parse_args(argv)
     base = EngineConfig(expert_budget=args.expert_budget, num_threads=args.num_threads, device=args.device,
                         io_threads=args.io_threads, drop_page_cache=args.drop_page_cache,
-                        substitution_mode=args.substitution_mode).validate()
+                        substitution_mode=args.substitution_mode,
+                        substitution_profile=args.substitution_profile).validate()
     torch.set_num_threads(args.num_threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t0 = time.time()
@@ -221,6 +224,7 @@ def main(argv=None) -> int:
         "model": Path(args.model).name, "expert_budget": args.expert_budget, "alpha": args.alpha,
         "device": args.device, "io_threads": args.io_threads, "drop_page_cache": args.drop_page_cache,
         "substitution_mode": args.substitution_mode,
+        "substitution_profile": list(base.substitution_profile) if base.substitution_profile else None,
         "hardware": hardware(args.device), "torch_threads": args.num_threads, "prompts": args.prompts, "tokens": args.tokens,
         "rounds": args.rounds, "interleaved": bool(args.interleave and not args.replay),
         "replay": Path(args.replay).name if args.replay else None,
@@ -249,7 +253,10 @@ def main(argv=None) -> int:
              f"configuration per round, median TPOT" if args.interleave and not args.replay else
              f"{args.prompts} prompts x {args.tokens} tokens after one warm-up prompt, median of {args.rounds} "
              "round-robin rounds")
-          + (f"; decode routing replayed from {Path(args.replay).name}" if args.replay else "") + ".\n",
+          + (f"; decode routing replayed from {Path(args.replay).name}" if args.replay else "")
+          + f"; substitution mode {args.substitution_mode}"
+          + (f"; per-layer alpha multipliers {list(base.substitution_profile)}" if base.substitution_profile else "")
+          + ".\n",
           "Steps are cumulative, in the paper's order. Hit rates are over decode steps; exact hits and substitutions "
           "are counted apart.\n", table(rows),
           "\nWithout substitution (alpha 0), every cache policy and switch:\n",

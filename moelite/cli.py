@@ -30,6 +30,8 @@ _HELP = {
     "prefetch": "prefetch the next layer's predicted experts",
     "substitution_alpha": "SMoE substitution threshold (0 = exact)",
     "substitute_in_prefill": "also substitute during prefill",
+    "substitution_profile": "per-MoE-layer multipliers of alpha: the JSON file `moelite calibrate` writes, or "
+                            "'m0,m1,...' (default: one alpha for every layer)",
     "substitution_mode": "always (every substitutable miss, SMoE) or stall (only those that shorten the layer's "
                          "wait for reads)",
     "num_threads": "torch CPU threads",
@@ -193,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SUBCOMMAND_MODULES = ("moelite.bench", "moelite.evaluate", "moelite.tuner", "moelite.server", "moelite.traces",
+_SUBCOMMAND_MODULES = ("moelite.bench", "moelite.evaluate", "moelite.tuner", "moelite.calibrate", "moelite.server", "moelite.traces",
                        "moelite.realshape", "moelite.predictor")
 
 

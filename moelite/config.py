@@ -8,9 +8,11 @@ value and what is allowed. The CLI derives its flags from these fields. Budgets 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -108,6 +110,11 @@ class EngineConfig:
     # which substitutable misses to substitute: "always" = every one (SMoE Algorithm 1); "stall" = only as many as
     # shorten the layer's wait for reads (ceil(misses / io_threads) rounds), lowest score first
     substitution_mode: str = "always"
+    # per-MoE-layer multipliers of substitution_alpha, in layer order: layer L substitutes at
+    # min(alpha * m[L], ALPHA_CAP). None = one alpha for every layer (the paper). Accepts a sequence, a comma list
+    # "0.1,0.5,1.2,2.2", or the JSON file `moelite calibrate` writes (layers whose substitutions cost more accuracy
+    # per substitution get less); stored as a tuple after validate()
+    substitution_profile: str | tuple | None = None
     # whether substitution also applies in prefill (the paper: decode only)
     substitute_in_prefill: bool = False
     # torch CPU threads; None = 1 for small models (hidden size <= 1024), else torch's default
@@ -136,6 +143,7 @@ class EngineConfig:
         if self.substitution_mode not in SUBSTITUTION_MODES:
             raise ValueError(f"substitution_mode: {self.substitution_mode!r} is not one of "
                              f"{', '.join(SUBSTITUTION_MODES)}")
+        self.substitution_profile = parse_profile(self.substitution_profile)
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
         return self
@@ -148,6 +156,55 @@ def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha < 1:
         raise ValueError(f"substitution_alpha: {alpha!r} must be a number in [0, 1)")
     return float(alpha)
+
+
+#: the largest per-layer alpha a profile may give (alpha >= 1 would open the candidate window to every expert)
+ALPHA_CAP = 0.95
+
+
+def parse_profile(value) -> tuple[float, ...] | None:
+    """substitution_profile: None, a sequence of multipliers >= 0, "a,b,c", or a JSON file with a "profile" list."""
+    if value is None or value == "":
+        return None
+    src = "substitution_profile"
+    if isinstance(value, (str, Path)):
+        text = str(value).strip()
+        if re.fullmatch(r"[0-9.eE+\-]+(\s*,\s*[0-9.eE+\-]+)*", text):
+            try:
+                value = [float(v) for v in text.split(",")]
+            except ValueError:
+                raise ValueError(f"{src}: cannot read {text!r} as numbers; give multipliers like '0.2,0.6,1.2,2.0'"
+                                 ) from None
+        else:
+            path = Path(text)
+            if not path.is_file():
+                raise ValueError(f"{src}: {path.name!r} is neither a comma list of numbers nor an existing JSON file "
+                                 "(write one with `moelite calibrate --out FILE`)")
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{src}: {path.name!r} is not readable JSON ({exc.__class__.__name__})") from None
+            if not isinstance(data, dict) or "profile" not in data:
+                raise ValueError(f"{src}: {path.name!r} has no \"profile\" list (expected the JSON that "
+                                 "`moelite calibrate` writes)")
+            src, value = f"substitution_profile ({path.name})", data["profile"]
+    if isinstance(value, (bool, int, float)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{src}: {value!r} is not a list of per-layer multipliers")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{src}: {v!r} is not a finite number >= 0; every layer's multiplier must be one")
+        out.append(float(v))
+    if not out:
+        raise ValueError(f"{src}: empty; give one multiplier per MoE layer or leave it unset")
+    return tuple(out)
+
+
+def layer_alpha(alpha, scale: float):
+    """alpha (float or [N] tensor) of one layer under profile multiplier `scale`, capped at ALPHA_CAP."""
+    if isinstance(alpha, torch.Tensor):
+        return (alpha * scale).clamp(max=ALPHA_CAP)
+    return min(float(alpha) * scale, ALPHA_CAP)
 
 
 def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:

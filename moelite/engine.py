@@ -91,6 +91,10 @@ class Engine:
         n_slots, budget = resolve_budget(self.config.expert_budget, total, slot_bytes)
         n_slots = min(n_slots, len(layout.experts))
         n_layers = len(layout.layers)
+        profile = self.config.substitution_profile
+        if profile is not None and len(profile) != n_layers:
+            raise ValueError(f"substitution_profile: {len(profile)} multipliers for the {n_layers} MoE layers of "
+                             f"this model; give one per MoE layer (calibrate it with `moelite calibrate`)")
         need = self.top_k * (n_layers if self.config.cache_scope == "layer" else 1)
         if n_slots < need:
             scope = f" x {n_layers} layers (cache_scope='layer')" if self.config.cache_scope == "layer" else ""
@@ -128,6 +132,8 @@ class Engine:
         self.manager.substitution_mode = self.config.substitution_mode
         self.manager.io_parallel = max(1, self.config.io_threads)
         self.manager.substitute = cache_router  # SMoE Algorithm 1; runs only while alpha > 0
+        if profile is not None:
+            self.manager.alpha_scale = dict(zip(layout.layers, profile))
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
             self.manager.observers.append(
                 lambda layer, routing, is_decode: is_decode and policy.observe_scores(layer, routing.probs.mean(0)))

@@ -472,7 +472,11 @@ def cmd_eval(args) -> int:
         gc.collect()  # free this alpha's engine (a web of cycles) before loading the next
         if not args.json:
             print(json.dumps(row), file=sys.stderr)
+    from .cli import engine_config
+
+    profile = engine_config(args).substitution_profile
     result = {"model": name, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy,
+              "substitution_mode": args.substitution_mode, "substitution_profile": profile and list(profile),
               "window": args.window, "stride": args.stride, "rows": rows}
     if args.alpha_sweep:
         out = Path(args.out)
@@ -480,8 +484,12 @@ def cmd_eval(args) -> int:
         tag = f"alpha_sweep_{str(args.expert_budget).replace('%', 'pct')}_{args.cache_policy}"
         if args.substitution_mode != "always":
             tag += f"_{args.substitution_mode}"
+        if profile:
+            tag += "_profile"
         (out / f"{tag}.md").write_text(f"`moelite eval` on {name}, budget {args.expert_budget}, policy "
-                                       f"{args.cache_policy}\n\n" + sweep_table(rows))
+                                       f"{args.cache_policy}, substitution mode {args.substitution_mode}, per-layer "
+                                       f"alpha multipliers {list(profile) if profile else 'none (one alpha)'}\n\n"
+                                       + sweep_table(rows))
         (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
         sweep_plot(rows, out / f"{tag}.png", f"{name}: budget {args.expert_budget}, {args.cache_policy}")
         result["files"] = [str(out / f"{tag}.{x}") for x in ("md", "json", "png")]

@@ -88,6 +88,8 @@ class ExpertManager:
     alpha: object = 0.0
     substitute_in_prefill: bool = False
     substitution_mode: str = "always"  # always | stall (see substitution.cache_router)
+    #: per-layer multipliers of alpha (EngineConfig.substitution_profile); empty = the same alpha in every layer
+    alpha_scale: dict = field(default_factory=dict)
     io_parallel: int = 1  # reads in flight at once (I/O threads): what "stall" mode counts rounds with
     substitutions: int = 0
     #: routing source that replaces the router (trace replay on real-shape checkpoints); None = the model's gate

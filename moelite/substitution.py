@@ -24,6 +24,8 @@ counts what a substitution saves: a layer's misses are read `P = manager.io_para
 ceil(misses / P) rounds of reads, and a substitution that does not remove a round costs accuracy for nothing. It
 substitutes the fewest low-score misses (lowest score first) that reach the fewest rounds possible, and none when
 no round can be removed. Residency (not reads in flight) decides what is a miss.
+Per-layer profile (beyond the paper): with `manager.alpha_scale` = {layer: m} (EngineConfig.substitution_profile),
+layer L runs at min(alpha * m, 0.95); a multiplier of 0 keeps that layer exact.
 alpha = 0 returns the routing object unchanged (the candidate window ((1-0)S, S] is empty), so outputs are bit for
 bit the exact model's.
 
@@ -40,6 +42,7 @@ import math
 import torch
 
 from .arch.base import Routing
+from .config import layer_alpha
 
 
 def _eligible(probs: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -175,6 +178,9 @@ def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor):
 
 def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing:
     """The `ExpertManager.substitute` hook: SMoE Algorithm 1 for one MoE layer (see the module docstring)."""
+    scale = getattr(manager, "alpha_scale", None)
+    if scale:  # calibrated per-layer profile: layers whose substitutions cost more accuracy get a smaller alpha
+        alpha = layer_alpha(alpha, scale.get(layer, 1.0))
     if not _positive(alpha):
         return routing
     k = routing.idx.shape[1]

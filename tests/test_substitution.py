@@ -215,3 +215,80 @@ def test_stall_mode_router(tiny):
     assert cache_router(m, layer, block, r, 0.25) is r
     m.substitution_mode = "always"
     assert cache_router(m, layer, block, r, 0.25).substituted.sum() == 1
+
+
+def test_profile_scales_alpha_per_layer(tiny):
+    """Layer L substitutes at alpha * m[L]: the same routing is substituted at m = 1, kept at m = 0, and a small
+    alpha that alone opens no window does once the multiplier widens it."""
+    path = tiny("mixtral")
+    eng = moelite.load(path, expert_budget="25%", substitution_profile="1,0,0")
+    m = eng.manager
+    first, second, third = eng.layout.layers  # the tiny checkpoints have 3 MoE layers
+    assert m.alpha_scale == {first: 1.0, second: 0.0, third: 0.0}
+    block = eng.model.model.layers[0].mlp.block
+    probs = torch.tensor([[0.30, 0.26, 0.24, 0.08, 0.07, 0.05, 0.0, 0.0]])
+    r = Routing(probs, probs, torch.tensor([[0, 1]]), probs[:, :2])
+    for layer in (first, second):
+        for e in list(m.cache.resident_experts(layer)):
+            m.cache.slot_of.pop((layer, e))
+        m.cache.slot_of[(layer, 2)] = layer  # expert 2 resident, 0 and 1 missing, in both layers
+    assert cache_router(m, first, block, r, 0.25).substituted.tolist() == [[False, True]]
+    assert cache_router(m, second, block, r, 0.25) is r  # multiplier 0: this layer stays exact
+    assert cache_router(m, second, block, r, torch.tensor([0.25])) is r
+    # 0.26 <= (1 + 0.05) * 0.24 is false: at alpha 0.05 expert 1 is top-score; times 4 = 0.2 it is low-score
+    m.alpha_scale = {first: 4.0, second: 1.0, third: 1.0}
+    assert cache_router(m, second, block, r, 0.05) is r
+    assert cache_router(m, first, block, r, 0.05).substituted.tolist() == [[False, True]]
+    from moelite.config import ALPHA_CAP, layer_alpha
+
+    assert layer_alpha(0.5, 100.0) == ALPHA_CAP < 1  # capped below 1: the window stays above score 0
+    assert torch.equal(layer_alpha(torch.tensor([0.1, 0.5]), 4.0), torch.tensor([0.4, ALPHA_CAP]))
+
+
+def test_profile_of_zeros_is_exact_and_bad_profiles_are_refused(tiny, tmp_path):
+    path = tiny("qwen2_moe")
+    ids = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    want = _decode_logits(moelite.load(path, expert_budget="25%"), ids, 0.0)
+    zero = moelite.load(path, expert_budget="25%", substitution_profile=[0.0, 0.0, 0.0])
+    assert torch.equal(_decode_logits(zero, ids, 0.6), want) and zero.manager.substitutions == 0
+    with pytest.raises(ValueError, match="2 multipliers for the 3 MoE layers"):
+        moelite.load(path, expert_budget="25%", substitution_profile="1,1")
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        moelite.load(path, substitution_profile=[1.0, -1.0])
+    bad = tmp_path / "p.json"
+    bad.write_text('{"layers": [0, 1]}')
+    with pytest.raises(ValueError, match='no "profile" list'):
+        moelite.load(path, substitution_profile=str(bad))
+    with pytest.raises(ValueError, match="neither a comma list"):
+        moelite.load(path, substitution_profile=str(tmp_path / "missing.json"))
+
+
+def test_profile_from_costs():
+    from moelite.calibrate import profile_from_costs
+
+    p = profile_from_costs([4.0, 1.0, None], gamma=2.0)
+    assert p[2] == 1.0 and p[0] < 1.0 < p[1]  # costlier layer -> smaller multiplier; unmeasured layer -> 1
+    assert p[1] / p[0] == pytest.approx(16.0, rel=1e-3)  # (cost ratio 4) ** gamma
+    assert sum(p[:2]) / 2 == pytest.approx(1.0, abs=1e-3)
+    assert profile_from_costs([1.0, 1.0], gamma=2.0) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="gamma"):
+        profile_from_costs([1.0], gamma=-1)
+
+
+def test_calibrate_writes_a_profile_the_engine_loads(tiny, tmp_path):
+    from moelite.calibrate import calibrate
+
+    path = tiny("qwen2_moe")
+    eng = moelite.load(path, expert_budget="25%")
+    ids = torch.randint(3, 128, (160,), generator=torch.Generator().manual_seed(2)).tolist()
+    res = calibrate(eng, ids, probe_alpha=0.6, max_tokens=96, window=64, stride=32)
+    assert res["layers"] == eng.layout.layers and len(res["profile"]) == len(eng.layout.layers)
+    rows = res["per_layer"]
+    assert any(r["substitutions_per_token"] > 0 for r in rows)  # each layer alone was substituted at the probe
+    assert eng.manager.alpha_scale == {}  # restored
+    out = tmp_path / "profile.json"
+    import json
+
+    out.write_text(json.dumps(res))
+    again = moelite.load(path, expert_budget="25%", substitution_profile=str(out))
+    assert list(again.manager.alpha_scale.values()) == res["profile"]
