@@ -10,7 +10,7 @@ Two ways to measure (the machine may be shared, so background load varies over t
       rounds runs one calibration prompt (the built-in three-domain set, rotating) on every configuration, in an
       order rotated per round. TPOT is the median over a configuration's prompts; CPU ms/token (process CPU time,
       all threads) is pooled. This is the fair comparison on a busy machine.
-  --no-interleave (always with --replay): a fresh engine per configuration and round, one warm-up prompt, then
+  --no-interleave (default with --replay): a fresh engine per configuration and round, one warm-up prompt, then
       --prompts prompts; median TPOT over rounds. Needed when one engine's slot pool is large (real-shape).
 Writes ablation.md and ablation.json under --out and prints one JSON line.
 
@@ -121,11 +121,15 @@ def run(model, base: EngineConfig, configs: list[tuple[str, dict]], rounds: int,
 
 
 def run_interleaved(model, base: EngineConfig, configs: list[tuple[str, dict]], rounds: int, n_prompts: int,
-                    tokens: int, log) -> dict[str, dict]:
+                    tokens: int, log, replay: str | None = None) -> dict[str, dict]:
     """All engines alive at once, alternated prompt by prompt (`moelite.evaluate.measure_interleaved`)."""
     engines, prompts = {}, None
     for label, over in configs:
         eng = Engine(model, base.replace(**over), progress=False)
+        if replay:  # each engine replays the trace from its start
+            from moelite.traces import Trace, TraceReplay
+
+            eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
         prompts = prompts or calibration_prompts(eng, None, n_prompts + 1)
         engines[label] = (eng, over.get("substitution_alpha", 0.0))
     out = measure_interleaved(engines, prompts, tokens, rounds, log)
@@ -170,9 +174,10 @@ def main(argv=None) -> int:
     p.add_argument("--smoe-policies", default="lru,lfu,fifo",
                    help="cache policies also measured with the router on (besides the ablation steps)")
     p.add_argument("--replay", default=None, help="routing trace (.npz) to replay, for real-shape checkpoints")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="keep every engine alive and alternate them prompt by prompt (--rounds = prompts per config); "
-                        "off: a fresh engine per configuration and round (always off with --replay)")
+                        "off: a fresh engine per configuration and round (the default with --replay, where every "
+                        "engine's slot pool may not fit in RAM at once)")
     p.add_argument("--ceiling", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure every expert resident (100%% budget, warm): the bound on any miss handling")
     p.add_argument("--device", default="cpu", help="cpu or cuda (slots in GPU memory, misses read through host RAM)")
@@ -184,6 +189,9 @@ def main(argv=None) -> int:
                    help="which substitutable misses the router substitutes (see moelite.substitution)")
     p.add_argument("--substitution-profile", default=None,
                    help="per-layer alpha multipliers for every substitution row (a `moelite calibrate` JSON file)")
+    p.add_argument("--uniform-alpha", type=float, default=None,
+                   help="with --substitution-profile: also measure score eviction + router at this alpha with one "
+                        "alpha for every layer (no profile)")
     p.add_argument("--tag", default=None, help="output name (default: ablation_<budget>)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smoe"))
     args = p.parse_args(argv)
@@ -202,11 +210,19 @@ def main(argv=None) -> int:
             for label, over in exact_variants(args.smoe_policies.split(",") if args.smoe_policies else ())
             if "hybrid" not in label or "prefetch" in label]
     configs += smoe
+    uniform = None
+    if args.uniform_alpha is not None:
+        uniform = f"substitution: score + router, one alpha {args.uniform_alpha:g} (no profile)"
+        smoe.append((uniform, None))
+        configs.append((uniform, {"cache_policy": "score", "substitution_alpha": args.uniform_alpha,
+                                  "substitution_profile": None}))
+    if args.interleave is None:
+        args.interleave = not args.replay
     ceiling = "ceiling: all experts resident (100% budget, warm)"
     if args.ceiling:
         configs.append((ceiling, {"expert_budget": "100%", "warm_start": True, "substitution_alpha": 0.0}))
-    if args.interleave and not args.replay:
-        res = run_interleaved(args.model, base, configs, args.rounds, args.prompts, args.tokens, log)
+    if args.interleave:
+        res = run_interleaved(args.model, base, configs, args.rounds, args.prompts, args.tokens, log, args.replay)
     else:
         res = run(args.model, base, configs, args.rounds, args.prompts, args.tokens, log, args.replay)
     rows = [{"step": label, "not_available": True} if over is None else {"step": label, "config": over, **res[label]}
@@ -226,7 +242,7 @@ def main(argv=None) -> int:
         "substitution_mode": args.substitution_mode,
         "substitution_profile": list(base.substitution_profile) if base.substitution_profile else None,
         "hardware": hardware(args.device), "torch_threads": args.num_threads, "prompts": args.prompts, "tokens": args.tokens,
-        "rounds": args.rounds, "interleaved": bool(args.interleave and not args.replay),
+        "rounds": args.rounds, "interleaved": bool(args.interleave),
         "replay": Path(args.replay).name if args.replay else None,
         "prefetch_available": HAS_PREFETCH, "hybrid_available": HAS_HYBRID,
         "best_exact": {"config": best["config_label"], "tpot_ms": best["tpot_ms"], "decode_tok_s": best["decode_tok_s"],
@@ -250,7 +266,7 @@ def main(argv=None) -> int:
           f"Command: `{cmd.strip()}`  ",
           f"Hardware: {summary['hardware']}; torch threads {args.num_threads}; "
           + (f"interleaved: {args.rounds} prompts of {args.tokens} tokens per configuration, one prompt per "
-             f"configuration per round, median TPOT" if args.interleave and not args.replay else
+             f"configuration per round, median TPOT" if args.interleave else
              f"{args.prompts} prompts x {args.tokens} tokens after one warm-up prompt, median of {args.rounds} "
              "round-robin rounds")
           + (f"; decode routing replayed from {Path(args.replay).name}" if args.replay else "")

@@ -75,7 +75,7 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
         m.alpha_scale = saved
     profile = profile_from_costs([r["kl_per_substitution"] for r in rows], gamma)
     return {"profile": profile, "layers": layers, "probe_alpha": probe_alpha, "gamma": gamma,
-            "tokens": rows and r["tokens"], "expert_budget": str(engine.config.expert_budget),
+            "tokens": r["tokens"] if rows else 0, "expert_budget": str(engine.config.expert_budget),
             "cache_policy": engine.config.cache_policy, "per_layer": rows}
 
 

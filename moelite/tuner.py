@@ -119,7 +119,9 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
     pick = fit_and_pick([p["alpha"] for p in points], [p["tpot_ms"] for p in points], target, degree)
     result = {"model": Path(path).name if path else "demo", "expert_budget": config.expert_budget,
               "cache_policy": config.cache_policy, "miss_policy": getattr(config, "miss_policy", None),
-              "prefetch": config.prefetch, "target_tpot_ms": target, "target_tok_s": 1000 / target,
+              "prefetch": config.prefetch, "substitution_mode": config.substitution_mode,
+              "substitution_profile": list(config.substitution_profile) if config.substitution_profile else None,
+              "target_tpot_ms": target, "target_tok_s": 1000 / target,
               "calibration_prompts": n_prompts, "tokens_per_prompt": max_tokens, "measured": points, **pick}
     if quality_text is not None:
         tuned = Engine(path, config.replace(substitution_alpha=pick["alpha"]), progress=False)

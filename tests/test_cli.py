@@ -39,3 +39,23 @@ def test_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
     r = run("generate", "--model", str(tmp_path), "--prompt", "x", "--expert-budget", "lots")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_calibrate_writes_a_profile_that_generate_accepts(tiny, tmp_path):
+    path = tiny("qwen2_moe", tokenizer=True)
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog and then it runs away again. " * 40)
+    out = tmp_path / "profile.json"
+    r = run("calibrate", "--model", str(path), "--text", str(text), "--max-tokens", "64", "--window", "48",
+            "--stride", "24", "--probe-alpha", "0.6", "--expert-budget", "30%", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert json.loads(out.read_text())["profile"] == res["profile"] and len(res["profile"]) == len(res["layers"])
+    assert "| layer |" in r.stdout
+    r = run("generate", "--model", str(path), "--prompt", "hi", "--max-tokens", "3", "--json", "--expert-budget", "30%",
+            "--substitution-alpha", "0.3", "--substitution-profile", str(out))
+    assert r.returncode == 0, r.stderr
+    r = run("generate", "--model", str(path), "--prompt", "hi", "--substitution-profile", "1,2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "multipliers for the" in r.stderr
+    r = run("calibrate", "--model", str(path), "--text", str(tmp_path / "nope.txt"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
