@@ -127,6 +127,14 @@ class SlotPool:
         self._gate_up = self.buffer[:, : 2 * i * h].view(n_slots, 2 * i, h)
         self._down = self.buffer[:, 2 * i * h:].view(n_slots, h, i)
 
+    @property
+    def gate_up_all(self) -> torch.Tensor:
+        return self._gate_up  # [n_slots, 2I, H] (strided view of the buffer)
+
+    @property
+    def down_all(self) -> torch.Tensor:
+        return self._down  # [n_slots, H, I]
+
     def gate_up(self, slot: int) -> torch.Tensor:
         return self._gate_up[slot]
 

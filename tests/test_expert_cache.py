@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import moelite
 from moelite.expert_cache import ExpertCache, make_policy
 
 
@@ -90,3 +91,21 @@ def test_layer_scope_partitions_slots():
     _insert(c, (1, 0)), _insert(c, (1, 1))
     _insert(c, (0, 2))  # layer 0 evicts its own, never layer 1's
     assert c.last_evicted[0] == 0 and c.resident((1, 0)) and c.resident((1, 1))
+
+
+def test_grouped_forward_matches_one_expert_at_a_time(tiny, monkeypatch):
+    import moelite.moe_layer as ml
+
+    eng = moelite.load(tiny("qwen3_moe"), expert_budget="100%", warm_start=True)
+    m = eng.manager
+    layer = eng.layout.layers[0]
+    x = torch.randn(1, eng.hf_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    slots = [m.cache.lookup((layer, e), count=False) for e in (0, 3, 5)]
+    w = torch.tensor([0.5, 0.3, 0.2])
+    want = sum(wj * m.expert_forward(m.pool.gate_up(s), m.pool.down(s), x) for wj, s in zip(w, slots))
+    torch.testing.assert_close(m.grouped_forward(slots, x, w), want, rtol=1e-5, atol=1e-6)
+    # run() takes the grouped path for one token; forcing the per-expert loop gives the same output
+    idx, wk = torch.tensor([[0, 3]]), torch.tensor([[0.6, 0.4]])
+    grouped = m.run(layer, x, idx, wk)
+    monkeypatch.setattr(ml, "GROUPED_MAX_BYTES", 0)
+    torch.testing.assert_close(m.run(layer, x, idx, wk), grouped, rtol=1e-5, atol=1e-6)
