@@ -6,7 +6,8 @@ Contract:
   - `SlotPool` is one preallocated byte buffer of `n_slots` expert slots on the compute device. A slot holds
     [gate (I*H) | up (I*H) | down (H*I)] in the slot dtype; `gate_up(s)` is a [2I, H] view, `down(s)` a [H, I] view.
     Nothing is allocated per fetch.
-  - `ExpertReader.read_into(key, slot)` fills a slot with positional reads (os.preadv) from the shard files,
+  - `ExpertReader.read_into(key, slot)` fills a slot with positional reads (os.preadv; an expert's parts that lie
+    next to each other in a shard are one read, `read_plan`) from the shard files,
     straight into the slot when dtypes agree, otherwise through a preallocated staging buffer; on CUDA through
     pinned staging memory and a separate copy stream. With `drop_page_cache` the file pages just read are dropped
     (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped.
@@ -145,13 +146,43 @@ class SlotPool:
         return self.buffer[slot]
 
 
-def _preadv_all(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            raise OSError(f"short read at offset {offset + done}")
-        done += n
+def _preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> None:
+    """Fill `views` (one buffer, or several filled in order) from the contiguous file range starting at `offset`."""
+    views = [views] if isinstance(views, memoryview) else views
+    got = os.preadv(fd, views, offset)
+    for view in views:  # a short read (rare: signals, network file systems): finish buffer by buffer
+        n = len(view)
+        if got >= n:
+            got -= n
+            offset += n
+            continue
+        done, got = got, 0
+        while done < n:
+            k = os.preadv(fd, [view[done:]], offset + done)
+            if k <= 0:
+                raise OSError(f"short read at offset {offset + done}")
+            done += k
+        offset += n
+
+
+def read_plan(parts, files_key=str) -> list[tuple]:
+    """Coalesce an expert's parts [(file, offset, nbytes), ...] (in slot order) into one read per contiguous file
+    range: [(file, offset, nbytes, ((slot byte position, nbytes), ...)), ...]. Checkpoints store an expert's
+    down/gate/up projections next to each other, so an expert is usually one positional read and one fadvise
+    instead of three of each."""
+    segs, pos = [], 0
+    for f, off, nb in parts:
+        segs.append((f, off, nb, pos))
+        pos += nb
+    segs.sort(key=lambda t: (files_key(t[0]), t[1]))
+    runs: list[list] = []
+    for f, off, nb, dp in segs:
+        if runs and runs[-1][0] == f and runs[-1][1] + runs[-1][2] == off:
+            runs[-1][2] += nb
+            runs[-1][3].append((dp, nb))
+        else:
+            runs.append([f, off, nb, [(dp, nb)]])
+    return [(f, off, nb, tuple(d)) for f, off, nb, d in runs]
 
 
 class ExpertReader:
@@ -166,6 +197,7 @@ class ExpertReader:
         self.direct = pool.dtype == disk and dev.type == "cpu"
         # staging buffers, one per reading thread, allocated once
         self._staging: dict[int, torch.Tensor] = {}
+        self._plans: dict[Key, list[tuple]] = {}  # coalesced reads per expert (read_plan), built on first use
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.bytes_read = 0
         self.io_seconds = 0.0
@@ -195,13 +227,16 @@ class ExpertReader:
         """Read expert `key` into the 1-D CPU tensor `dest` (disk dtype, numel = layout.numel)."""
         t0 = time.perf_counter()
         raw = memoryview(dest.view(torch.uint8).numpy())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = read_plan([(p.file, p.offset, p.nbytes) for p in self.layout.experts[key].parts])
         pos = 0
-        for part in self.layout.experts[key].parts:
-            fd = self._fd(part.file)
-            _preadv_all(fd, raw[pos: pos + part.nbytes], part.offset)
+        for path, offset, nbytes, segs in plan:
+            fd = self._fd(path)
+            _preadv_all(fd, [raw[dp: dp + n] for dp, n in segs], offset)
             if self.drop_page_cache:
-                os.posix_fadvise(fd, part.offset, part.nbytes, os.POSIX_FADV_DONTNEED)
-            pos += part.nbytes
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            pos += nbytes
         dt = time.perf_counter() - t0
         with self._lock:
             self.bytes_read += pos

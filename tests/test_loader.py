@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import moelite
 from moelite.traces import Trace, TraceRecorder, TraceReplay
@@ -86,3 +87,28 @@ def test_replay_prefetch_uses_recorded_predictions(tiny, tmp_path):
     eng2.manager.replay = TraceReplay(tr, eng2.layout.layers, decode_only=True)
     eng2.generate([5, 9, 14], max_tokens=10, temperature=0)
     assert eng2.stats()["prefetch_issued"] > 0
+
+
+def test_read_plan_coalesces_adjacent_parts_and_keeps_slot_order():
+    from moelite.expert_store import read_plan
+
+    # slot order gate | up | down (8 bytes each); on disk down, gate, up lie back to back
+    plan = read_plan([("a", 108, 8), ("a", 116, 8), ("a", 100, 8)])
+    assert plan == [("a", 100, 24, ((16, 8), (0, 8), (8, 8)))]
+    # a gap or another file splits the read
+    plan = read_plan([("a", 100, 8), ("a", 120, 8), ("b", 0, 8)])
+    assert plan == [("a", 100, 8, ((0, 8),)), ("a", 120, 8, ((8, 8),)), ("b", 0, 8, ((16, 8),))]
+
+
+def test_coalesced_reads_fill_slots_with_the_checkpoint_bytes(tiny):
+    from safetensors import safe_open
+
+    eng = moelite.load(tiny("mixtral"), expert_budget="100%", expert_dtype="float32")
+    r = eng.reader
+    layer = eng.layout.layers[1]
+    buf = torch.empty(eng.layout.numel, dtype=eng.layout.disk_dtype)
+    r.read_bytes((layer, 3), buf)
+    t = eng.layout.experts[(layer, 3)]
+    with safe_open(str(t.gate.file), "pt") as f:
+        want = torch.cat([f.get_tensor(p.name).reshape(-1) for p in t.parts])
+    assert torch.equal(buf, want)
