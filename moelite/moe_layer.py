@@ -15,7 +15,9 @@ Contract:
     use are cancelled if not yet started. Precision and recall are counted.
   - `OffloadedMoEBlock` replaces a transformers MoE block (`layer.mlp`), keeping its `gate` and shared-expert
     modules; forward([B, T, H]) -> [B, T, H] equals the original block's forward (the exactness tests check it).
-  - Output never depends on cache policy, prefetch, loader or miss path; only substitution (alpha > 0) changes it.
+  - Output never depends on cache policy, prefetch, loader or miss path beyond float rounding (they change the
+    order in which expert outputs are summed); only substitution (alpha > 0) changes it. The same configuration
+    on the same inputs gives bit-identical outputs.
 """
 
 from __future__ import annotations

@@ -49,10 +49,11 @@ def test_reference_comparison(tiny):
     ids = torch.randint(3, 128, (60,), generator=torch.Generator().manual_seed(1)).tolist()
     ref = Reference(moelite.load(path, expert_budget="100%"))
     exact = compare_text(moelite.load(path, expert_budget="25%"), ids, 0.0, ref, window=32, stride=16)
-    assert exact["top1_agreement"] == 1.0 and exact["mean_kl"] < 1e-9
+    # float rounding only: resident experts are summed in one grouped product at 100%, some one by one at 25%
+    assert exact["top1_agreement"] == 1.0 and exact["mean_kl"] < 1e-6
     assert abs(exact["perplexity_ratio"] - 1) < 1e-5 and exact["expert_substitutions"] == 0
     sub = compare_text(moelite.load(path, expert_budget="25%"), ids, 0.7, ref, window=32, stride=16, max_tokens=40)
-    assert sub["tokens"] == 40 and sub["expert_substitutions"] > 0 and sub["mean_kl"] > 1e-6
+    assert sub["tokens"] == 40 and sub["expert_substitutions"] > 0 and sub["mean_kl"] > 1e-5
     assert 0 < sub["decode_substituted_rate"] < 1
     rates = sub["decode_exact_hit_rate"] + sub["decode_substituted_rate"]
     assert abs(rates - sub["decode_hit_or_substituted_rate"]) < 1e-12
