@@ -82,6 +82,13 @@ def exact_variants(policies=("lru", "lfu", "score", "fifo")) -> list[tuple[str, 
     return [(label, {**over, "substitution_alpha": 0.0}) for label, over in out]
 
 
+def _prompts(eng, n: int) -> list[list[int]]:
+    """The built-in calibration prompts, or fixed token ids for a checkpoint without a tokenizer (real-shape)."""
+    if eng.tokenizer is None:
+        return [[3 + (7 * i + j) % 200 for j in range(16)] for i in range(n)]
+    return calibration_prompts(eng, None, n)
+
+
 def measure(model, base: EngineConfig, over: dict, n_prompts: int, tokens: int, replay: str | None = None) -> dict:
     eng = Engine(model, base.replace(**over), progress=False)
     try:
@@ -89,10 +96,7 @@ def measure(model, base: EngineConfig, over: dict, n_prompts: int, tokens: int, 
             from moelite.traces import Trace, TraceReplay
 
             eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
-        if eng.tokenizer is None:
-            prompts = [[3 + (7 * i + j) % 200 for j in range(16)] for i in range(n_prompts + 1)]
-        else:
-            prompts = calibration_prompts(eng, None, n_prompts + 1)
+        prompts = _prompts(eng, n_prompts + 1)
         r = measure_decode(eng, prompts, tokens, over.get("substitution_alpha", 0.0))
         s = eng.stats()
         r.update({k: s.get(k) for k in ("prefetch_precision", "prefetch_recall", "misses_loaded", "misses_direct")})
@@ -130,7 +134,7 @@ def run_interleaved(model, base: EngineConfig, configs: list[tuple[str, dict]], 
             from moelite.traces import Trace, TraceReplay
 
             eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
-        prompts = prompts or calibration_prompts(eng, None, n_prompts + 1)
+        prompts = prompts or _prompts(eng, n_prompts + 1)
         engines[label] = (eng, over.get("substitution_alpha", 0.0))
     out = measure_interleaved(engines, prompts, tokens, rounds, log)
     for label, (eng, _) in engines.items():
@@ -210,10 +214,11 @@ def main(argv=None) -> int:
             for label, over in exact_variants(args.smoe_policies.split(",") if args.smoe_policies else ())
             if "hybrid" not in label or "prefetch" in label]
     configs += smoe
-    uniform = None
+    if args.uniform_alpha is not None and not args.substitution_profile:
+        raise SystemExit("--uniform-alpha compares against --substitution-profile; give both")
     if args.uniform_alpha is not None:
         uniform = f"substitution: score + router, one alpha {args.uniform_alpha:g} (no profile)"
-        smoe.append((uniform, None))
+        smoe.append((uniform, None))  # listed with the substitution rows; measured through `configs`
         configs.append((uniform, {"cache_policy": "score", "substitution_alpha": args.uniform_alpha,
                                   "substitution_profile": None}))
     if args.interleave is None:

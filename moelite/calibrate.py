@@ -14,7 +14,7 @@ Contract:
     roughly its average window). A layer where nothing could be substituted keeps m = 1.
   - Returns a dict whose "profile" list (one multiplier per MoE layer, in layer order) is what
     `EngineConfig.substitution_profile` takes; `moelite calibrate --out FILE` writes it as JSON and prints a table
-    and one JSON line. Cost: (number of MoE layers + 1) teacher-forced passes over `max_tokens` tokens.
+    and one JSON line. Cost: (number of MoE layers + 2) teacher-forced passes over `max_tokens` tokens.
   - The engine's own profile and alpha are restored afterwards; outputs at alpha 0 are never affected.
 Calibrate on text that is not used to report quality (the default is WikiText-2 *valid*; quality is reported on test).
 """
@@ -49,6 +49,10 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
               window: int = 256, stride: int = 128, progress=None) -> dict:
     if not 0 < probe_alpha < 1:
         raise ValueError(f"probe_alpha: {probe_alpha!r} must be in (0, 1)")
+    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
+        raise ValueError(f"gamma: {gamma!r} must be a finite number >= 0")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens: {max_tokens!r} must be an int >= 1")
     if len(ids) < 2:
         raise ValueError("calibration text: fewer than 2 tokens")
     m = engine.manager
@@ -63,7 +67,7 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
             m.alpha_scale = {x: (1.0 if x == layer else 0.0) for x in layers}
             before = m.layer_stats[layer].substitutions if layer in m.layer_stats else 0
             r = compare_text(engine, ids, probe_alpha, ref, window, stride, max_tokens)
-            subs = m.layer_stats[layer].substitutions - before
+            subs = (m.layer_stats[layer].substitutions if layer in m.layer_stats else 0) - before
             per_tok = subs / max(r["tokens"], 1)
             cost = r["mean_kl"] / per_tok if subs else None
             rows.append({"layer": layer, "substitutions_per_token": round(per_tok, 4), "mean_kl": r["mean_kl"],
@@ -73,6 +77,10 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
                 progress(rows[-1])
     finally:
         m.alpha_scale = saved
+    if all(row["kl_per_substitution"] is None for row in rows):
+        raise ValueError(f"calibration: no layer substituted anything at probe_alpha {probe_alpha:g} with expert "
+                         f"budget {engine.config.expert_budget!r} (every needed expert was resident, or no candidate "
+                         "was close enough); calibrate at the budget you will run, or raise --probe-alpha")
     profile = profile_from_costs([r["kl_per_substitution"] for r in rows], gamma)
     return {"profile": profile, "layers": layers, "probe_alpha": probe_alpha, "gamma": gamma,
             "tokens": r["tokens"] if rows else 0, "expert_budget": str(engine.config.expert_budget),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,7 +193,7 @@ def parse_profile(value) -> tuple[float, ...] | None:
         raise ValueError(f"{src}: {value!r} is not a list of per-layer multipliers")
     out = []
     for v in value:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{src}: {v!r} is not a finite number >= 0; every layer's multiplier must be one")
         out.append(float(v))
     if not out:

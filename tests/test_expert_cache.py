@@ -109,3 +109,19 @@ def test_grouped_forward_matches_one_expert_at_a_time(tiny, monkeypatch):
     grouped = m.run(layer, x, idx, wk)
     monkeypatch.setattr(ml, "GROUPED_MAX_BYTES", 0)
     torch.testing.assert_close(m.run(layer, x, idx, wk), grouped, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_forward_sums_like_the_per_expert_path(tiny, monkeypatch, dtype):
+    """bf16 slots: products in bf16, outputs summed in the activation dtype on both paths; an expert listed twice
+    for the token counts with both of its weights."""
+    import moelite.moe_layer as ml
+
+    eng = moelite.load(tiny("qwen3_moe"), expert_budget="100%", warm_start=True, expert_dtype=dtype)
+    m = eng.manager
+    layer = eng.layout.layers[0]
+    x = torch.randn(1, eng.hf_config.hidden_size, generator=torch.Generator().manual_seed(1))
+    idx, wk = torch.tensor([[3, 3, 0]]), torch.tensor([[0.5, 0.3, 0.2]])
+    grouped = m.run(layer, x, idx, wk)
+    monkeypatch.setattr(ml, "GROUPED_MAX_BYTES", 0)
+    torch.testing.assert_close(grouped, m.run(layer, x, idx, wk), rtol=1e-5, atol=1e-6)

@@ -251,6 +251,8 @@ def test_profile_of_zeros_is_exact_and_bad_profiles_are_refused(tiny, tmp_path):
     want = _decode_logits(moelite.load(path, expert_budget="25%"), ids, 0.0)
     zero = moelite.load(path, expert_budget="25%", substitution_profile=[0.0, 0.0, 0.0])
     assert torch.equal(_decode_logits(zero, ids, 0.6), want) and zero.manager.substitutions == 0
+    plain = moelite.load(path, expert_budget="25%")  # the same alpha without the profile does substitute here
+    assert not torch.equal(_decode_logits(plain, ids, 0.6), want) and plain.manager.substitutions > 0
     with pytest.raises(ValueError, match="2 multipliers for the 3 MoE layers"):
         moelite.load(path, expert_budget="25%", substitution_profile="1,1")
     with pytest.raises(ValueError, match="finite number >= 0"):
@@ -292,3 +294,19 @@ def test_calibrate_writes_a_profile_the_engine_loads(tiny, tmp_path):
     out.write_text(json.dumps(res))
     again = moelite.load(path, expert_budget="25%", substitution_profile=str(out))
     assert list(again.manager.alpha_scale.values()) == res["profile"]
+
+
+def test_calibrate_refuses_bad_input_before_any_pass(tiny):
+    from moelite.calibrate import calibrate
+
+    path = tiny("qwen2_moe")
+    ids = list(range(3, 60))
+    eng = moelite.load(path, expert_budget="25%")
+    for kw, msg in (({"gamma": float("nan")}, "gamma"), ({"max_tokens": 0}, "max_tokens"),
+                    ({"probe_alpha": 1.0}, "probe_alpha")):
+        with pytest.raises(ValueError, match=msg):
+            calibrate(eng, ids, **kw)
+    assert eng.manager.cache.hits + eng.manager.cache.misses == 0  # nothing ran
+    full = moelite.load(path, expert_budget="100%", warm_start=True)  # nothing can be substituted: say so
+    with pytest.raises(ValueError, match="no layer substituted anything"):
+        calibrate(full, ids, probe_alpha=0.6, max_tokens=24, window=16, stride=8)
