@@ -82,7 +82,8 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
                          f"budget {engine.config.expert_budget!r} (every needed expert was resident, or no candidate "
                          "was close enough); calibrate at the budget you will run, or raise --probe-alpha")
     profile = profile_from_costs([r["kl_per_substitution"] for r in rows], gamma)
-    return {"profile": profile, "layers": layers, "probe_alpha": probe_alpha, "gamma": gamma,
+    return {"profile": profile, "layers": layers, "num_experts": engine.num_experts, "probe_alpha": probe_alpha,
+            "gamma": gamma,
             "tokens": r["tokens"] if rows else 0, "expert_budget": str(engine.config.expert_budget),
             "cache_policy": engine.config.cache_policy, "per_layer": rows}
 

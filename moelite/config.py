@@ -163,11 +163,21 @@ def check_alpha(alpha: float) -> float:
 ALPHA_CAP = 0.95
 
 
+class Profile(tuple):
+    """Per-layer alpha multipliers; from a `moelite calibrate` file it also knows the MoE layer indices and expert
+    count it was measured on (None when given as plain numbers), so the engine can refuse another model's file."""
+
+    layers: tuple[int, ...] | None = None
+    num_experts: int | None = None
+
+
 def parse_profile(value) -> tuple[float, ...] | None:
     """substitution_profile: None, a sequence of multipliers >= 0, "a,b,c", or a JSON file with a "profile" list."""
     if value is None or value == "":
         return None
-    src = "substitution_profile"
+    if isinstance(value, Profile):
+        return value
+    src, meta = "substitution_profile", {}
     if isinstance(value, (str, Path)):
         text = str(value).strip()
         if re.fullmatch(r"[0-9.eE+\-]+(\s*,\s*[0-9.eE+\-]+)*", text):
@@ -189,6 +199,7 @@ def parse_profile(value) -> tuple[float, ...] | None:
                 raise ValueError(f"{src}: {path.name!r} has no \"profile\" list (expected the JSON that "
                                  "`moelite calibrate` writes)")
             src, value = f"substitution_profile ({path.name})", data["profile"]
+            meta = {k: data.get(k) for k in ("layers", "num_experts")}
     if isinstance(value, (bool, int, float)) or not hasattr(value, "__iter__"):
         raise ValueError(f"{src}: {value!r} is not a list of per-layer multipliers")
     out = []
@@ -198,7 +209,12 @@ def parse_profile(value) -> tuple[float, ...] | None:
         out.append(float(v))
     if not out:
         raise ValueError(f"{src}: empty; give one multiplier per MoE layer or leave it unset")
-    return tuple(out)
+    profile = Profile(out)
+    if isinstance(meta.get("layers"), list) and all(isinstance(x, int) for x in meta["layers"]):
+        profile.layers = tuple(meta["layers"])
+    if isinstance(meta.get("num_experts"), int):
+        profile.num_experts = meta["num_experts"]
+    return profile
 
 
 def layer_alpha(alpha, scale: float):

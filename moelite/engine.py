@@ -95,6 +95,12 @@ class Engine:
         if profile is not None and len(profile) != n_layers:
             raise ValueError(f"substitution_profile: {len(profile)} multipliers for the {n_layers} MoE layers of "
                              f"this model; give one per MoE layer (calibrate it with `moelite calibrate`)")
+        cal_layers, cal_experts = getattr(profile, "layers", None), getattr(profile, "num_experts", None)
+        if (cal_layers is not None and list(cal_layers) != list(layout.layers)) or \
+                (cal_experts is not None and cal_experts != self.num_experts):
+            raise ValueError(f"substitution_profile: calibrated on MoE layers {list(cal_layers or [])} with "
+                             f"{cal_experts} experts, but this model has MoE layers {list(layout.layers)} with "
+                             f"{self.num_experts}; calibrate this model with `moelite calibrate`")
         need = self.top_k * (n_layers if self.config.cache_scope == "layer" else 1)
         if n_slots < need:
             scope = f" x {n_layers} layers (cache_scope='layer')" if self.config.cache_scope == "layer" else ""

@@ -263,6 +263,10 @@ def test_profile_of_zeros_is_exact_and_bad_profiles_are_refused(tiny, tmp_path):
         moelite.load(path, substitution_profile=str(bad))
     with pytest.raises(ValueError, match="neither a comma list"):
         moelite.load(path, substitution_profile=str(tmp_path / "missing.json"))
+    other = tmp_path / "other.json"  # another model's calibration with the same number of layers
+    other.write_text('{"profile": [1, 1, 1], "layers": [1, 2, 3], "num_experts": 8}')
+    with pytest.raises(ValueError, match="calibrated on MoE layers"):
+        moelite.load(path, substitution_profile=str(other))
 
 
 def test_profile_from_costs():
