@@ -217,6 +217,11 @@ def parse_profile(value) -> tuple[float, ...] | None:
     return profile
 
 
+def alpha_positive(alpha) -> bool:
+    """Whether substitution is on: alpha (a float, or a per-token [N] tensor) > 0 for at least one token."""
+    return bool((alpha > 0).any()) if isinstance(alpha, torch.Tensor) else alpha > 0
+
+
 def layer_alpha(alpha, scale: float):
     """alpha (float or [N] tensor) of one layer under profile multiplier `scale`, capped at ALPHA_CAP."""
     if isinstance(alpha, torch.Tensor):

@@ -165,7 +165,7 @@ def _preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> N
         offset += n
 
 
-def read_plan(parts, files_key=str) -> list[tuple]:
+def read_plan(parts) -> list[tuple]:
     """Coalesce an expert's parts [(file, offset, nbytes), ...] (in slot order) into one read per contiguous file
     range: [(file, offset, nbytes, ((slot byte position, nbytes), ...)), ...]. Checkpoints store an expert's
     down/gate/up projections next to each other, so an expert is usually one positional read and one fadvise
@@ -174,7 +174,7 @@ def read_plan(parts, files_key=str) -> list[tuple]:
     for f, off, nb in parts:
         segs.append((f, off, nb, pos))
         pos += nb
-    segs.sort(key=lambda t: (files_key(t[0]), t[1]))
+    segs.sort(key=lambda t: (str(t[0]), t[1]))
     runs: list[list] = []
     for f, off, nb, dp in segs:
         if runs and runs[-1][0] == f and runs[-1][1] + runs[-1][2] == off:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch.base import ArchAdapter, Routing
+from .config import alpha_positive
 from .expert_cache import ExpertCache
 from .expert_store import ExpertReader, SlotPool
 from .loader import Loader, timed_read
@@ -396,10 +397,6 @@ class ExpertManager:
         return missing[:lo], missing[lo:]
 
 
-def _alpha_on(alpha) -> bool:
-    return bool((alpha > 0).any()) if isinstance(alpha, torch.Tensor) else alpha > 0
-
-
 class OffloadedMoEBlock(nn.Module):
     def __init__(self, block: nn.Module, layer: int, adapter: ArchAdapter, manager: ExpertManager, top_k: int):
         super().__init__()
@@ -420,7 +417,7 @@ class OffloadedMoEBlock(nn.Module):
         is_decode = seq == 1
         for obs in m.observers:
             obs(self.layer, routing, is_decode)
-        if m.substitute is not None and (is_decode or m.substitute_in_prefill) and _alpha_on(m.alpha):
+        if m.substitute is not None and (is_decode or m.substitute_in_prefill) and alpha_positive(m.alpha):
             routing = m.substitute(m, self.layer, self.block, routing, m.alpha)
         out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, is_decode, routing.substituted)
         shared = self.adapter.shared(self.block, x)

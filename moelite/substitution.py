@@ -42,7 +42,7 @@ import math
 import torch
 
 from .arch.base import Routing
-from .config import layer_alpha
+from .config import alpha_positive, layer_alpha
 
 
 def _eligible(probs: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
     scale = getattr(manager, "alpha_scale", None)
     if scale:  # calibrated per-layer profile: layers whose substitutions cost more accuracy get a smaller alpha
         alpha = layer_alpha(alpha, scale.get(layer, 1.0))
-    if not _positive(alpha):
+    if not alpha_positive(alpha):
         return routing
     k = routing.idx.shape[1]
     n, e = routing.probs.shape
@@ -206,10 +206,6 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
     adapter = _adapter_of(manager, block)
     weights = adapter.weigh(block, routing.probs, new_idx)  # [N,k] substitutes weighted by their own scores
     return Routing(routing.probs, routing.choice, new_idx, weights.to(routing.weights.dtype), substituted)
-
-
-def _positive(alpha) -> bool:
-    return bool((alpha > 0).any()) if isinstance(alpha, torch.Tensor) else alpha > 0
 
 
 _ADAPTERS: dict[type, object] = {}
