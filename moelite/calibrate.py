@@ -14,7 +14,7 @@ Contract:
     roughly its average window). A layer where nothing could be substituted keeps m = 1.
   - Returns a dict whose "profile" list (one multiplier per MoE layer, in layer order) is what
     `EngineConfig.substitution_profile` takes; `moelite calibrate --out FILE` writes it as JSON and prints a table
-    and one JSON line. Cost: (number of MoE layers + 2) teacher-forced passes over `max_tokens` tokens.
+    and one JSON line. Cost: (number of MoE layers + 1) teacher-forced passes over `max_tokens` tokens.
   - The engine's own profile and alpha are restored afterwards; outputs at alpha 0 are never affected.
 Calibrate on text that is not used to report quality (the default is WikiText-2 *valid*; quality is reported on test).
 """
@@ -31,10 +31,14 @@ from .evaluate import Reference, compare_text, default_data_dir
 MAX_RATIO = 8.0
 
 
+def _check_gamma(gamma) -> None:
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"gamma: {gamma!r} must be a finite number >= 0")
+
+
 def profile_from_costs(costs: list[float | None], gamma: float) -> list[float]:
     """Multipliers from per-layer costs per substitution (None: not measured -> 1); see the module contract."""
-    if not gamma >= 0 or not math.isfinite(gamma):
-        raise ValueError(f"gamma: {gamma!r} must be a finite number >= 0")
+    _check_gamma(gamma)
     known = [c for c in costs if c is not None]
     if not known:
         return [1.0] * len(costs)
@@ -49,8 +53,7 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
               window: int = 256, stride: int = 128, progress=None) -> dict:
     if not 0 < probe_alpha < 1:
         raise ValueError(f"probe_alpha: {probe_alpha!r} must be in (0, 1)")
-    if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma >= 0):
-        raise ValueError(f"gamma: {gamma!r} must be a finite number >= 0")
+    _check_gamma(gamma)  # before any pass: a bad value must not cost hours of calibration first
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens: {max_tokens!r} must be an int >= 1")
     if len(ids) < 2:
@@ -62,7 +65,7 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
     rows = []
     try:
         m.alpha_scale = {}
-        compare_text(engine, ids, 0.0, ref, window, stride, max_tokens)  # fills the reference
+        compare_text(engine, ids, 0.0, ref, window, stride, max_tokens)  # fills the reference (one exact pass)
         for layer in layers:
             m.alpha_scale = {x: (1.0 if x == layer else 0.0) for x in layers}
             before = m.layer_stats[layer].substitutions if layer in m.layer_stats else 0

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from .config import alpha_positive
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -127,6 +129,10 @@ class Reference:
         self.engine = engine
         self._memo: dict[tuple, torch.Tensor] = {}
 
+    def remember(self, ids: list[int], start: int, logprobs: torch.Tensor) -> None:
+        """Take `logprobs` (an exact decode pass of this reference's own engine) as the reference for (ids, start)."""
+        self._memo.setdefault((tuple(ids), start), logprobs)
+
     def logprobs(self, ids: list[int], start: int) -> torch.Tensor:
         key = (tuple(ids), start)
         if key not in self._memo:
@@ -182,6 +188,8 @@ def compare_text(engine, ids: list[int], alpha=0.0, reference: Reference | None 
         res.nll -= float(lp.gather(1, target[:, None]).sum())
         res.tokens += len(target)
         if reference is not None:
+            if reference.engine is engine and not alpha_positive(alpha):
+                reference.remember(chunk, first, lp)  # this pass is the exact one: no second pass for the reference
             ref = reference.logprobs(chunk, first)  # [T, V]
             res.nll_exact -= float(ref.gather(1, target[:, None]).sum())
             res.agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
