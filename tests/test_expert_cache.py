@@ -17,22 +17,17 @@ def _insert(cache: ExpertCache, key) -> int:
     return slot
 
 
-def test_lru_evicts_least_recently_used():
-    c = _cache("lru")
+@pytest.mark.parametrize("policy,victim,kept", [
+    ("lru", (0, 1), (0, 0)),  # the reused expert 0 is kept; the least recently used goes
+    ("fifo", (0, 0), (0, 1)),  # reuse does not matter: the first in goes
+])
+def test_lru_and_fifo_victims_after_a_reuse(policy, victim, kept):
+    c = _cache(policy)
     for e in range(3):
         _insert(c, (0, e))
     c.lookup((0, 0))
     _insert(c, (0, 3))
-    assert c.last_evicted == (0, 1) and not c.resident((0, 1)) and c.resident((0, 0))
-
-
-def test_fifo_ignores_reuse():
-    c = _cache("fifo")
-    for e in range(3):
-        _insert(c, (0, e))
-    c.lookup((0, 0))
-    _insert(c, (0, 3))
-    assert c.last_evicted == (0, 0)
+    assert c.last_evicted == victim and not c.resident(victim) and c.resident(kept)
 
 
 def test_lfu_keeps_frequent():
