@@ -35,6 +35,10 @@ _HELP = {
     "substitution_mode": "always (every substitutable miss, SMoE) or stall (only those that shorten the layer's "
                          "wait for reads)",
     "num_threads": "torch CPU threads",
+    "host_budget": "CUDA: pinned host RAM for routed experts under the VRAM slots (auto = all if they fit, "
+                   "a size, a percentage, or 0 = read misses from SSD)",
+    "cuda_graphs": "CUDA: run decode steps whose experts are all resident as CUDA graphs",
+    "expert_kernel": "CUDA: fused expert computation, auto, triton or torch",
 }
 
 

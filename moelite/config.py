@@ -21,6 +21,7 @@ CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
 MISS_POLICIES = ("load", "direct", "hybrid")
 SUBSTITUTION_MODES = ("always", "stall")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXPERT_KERNELS = ("auto", "triton", "torch")
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -120,6 +121,14 @@ class EngineConfig:
     substitute_in_prefill: bool = False
     # torch CPU threads; None = 1 for small models (hidden size <= 1024), else torch's default
     num_threads: int | None = None
+    # CUDA: pinned host RAM for routed experts under the VRAM slots ("auto" = every expert if it fits in 80% of
+    # the available RAM, else what does; a size or a percentage of the routed experts as for expert_budget;
+    # "0" = none: misses are read from SSD through a staging buffer)
+    host_budget: str | int | float = "auto"
+    # CUDA: decode steps whose experts are all resident run as a captured CUDA graph
+    cuda_graphs: bool = True
+    # CUDA: the fused expert computation, "triton" kernels or the "torch" gather + batched matmul
+    expert_kernel: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "EngineConfig":
@@ -145,6 +154,14 @@ class EngineConfig:
             raise ValueError(f"substitution_mode: {self.substitution_mode!r} is not one of "
                              f"{', '.join(SUBSTITUTION_MODES)}")
         self.substitution_profile = parse_profile(self.substitution_profile)
+        if not (self.host_budget == "auto" or self.host_budget in (0, "0")):
+            try:
+                parse_budget(self.host_budget)
+            except ValueError as exc:
+                raise ValueError(str(exc).replace("expert_budget:", "host_budget:", 1)
+                                 + " (or 'auto', or 0 for no host tier)") from None
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel: {self.expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
         return self

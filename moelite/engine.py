@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .checkpoint import Checkpoint, CheckpointError
 from .config import EngineConfig, check_alpha, format_bytes, parse_device, resolve_budget, slot_dtype
 from .expert_cache import ExpertCache, make_policy
 from .expert_store import ExpertLayout, ExpertReader, SlotPool
+from .graph_decode import StaticDecoder, bucket
+from .host_tier import HostTier, available_host_bytes
 from .loader import Loader
 from .model import build_model
 from .moe_layer import ExpertManager
@@ -145,6 +148,10 @@ class Engine:
                 lambda layer, routing, is_decode: is_decode and policy.observe_scores(layer, routing.probs.mean(0)))
         self.model = build_model(ckpt, adapter, self.hf_config, layout, self.reader, self.manager, self.device,
                                  self.dtype, self.top_k, progress=progress)
+        self.host = None
+        self._decoders: dict = {}
+        if self.device.type == "cuda":
+            self._init_host_tier(sdtype, total, progress)
         if self.config.warm_start:
             self.warm_up()
         self.tokenizer = self._load_tokenizer()
@@ -154,6 +161,36 @@ class Engine:
         self.requests = 0
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
+    def _init_host_tier(self, sdtype: torch.dtype, total: int, progress: bool) -> None:
+        """CUDA: routed experts in pinned host RAM under the VRAM slots, and the fused expert path over them."""
+        from .cuda_experts import CudaExperts
+
+        hb = self.config.host_budget
+        if hb in (0, "0"):
+            return
+        if "silu" not in type(self.manager.act_fn).__name__.lower():  # the fused kernels compute SwiGLU with SiLU
+            warnings.warn(f"expert activation {type(self.manager.act_fn).__name__} is not SiLU: the CUDA host "
+                          "tier and fused expert path are off for this model", stacklevel=2)
+            return
+        if hb == "auto":
+            nbytes = min(total, int(0.8 * available_host_bytes()))
+        else:
+            nbytes = min(total, resolve_budget(hb, total, 1)[1])
+        self.host = HostTier(self.layout, self.reader, sdtype, nbytes, progress=progress)
+        self.manager.cuda = CudaExperts(self.manager, self.host, backend=self.config.expert_kernel)
+        self.manager.cuda.warm()  # VRAM slots start full: a copy from pinned RAM costs little
+
+    def _decoder(self, batch: int, positions: int) -> StaticDecoder:
+        """The static-cache decoder (and its CUDA graph) for this batch size and cache length bucket."""
+        key = (batch, bucket(positions))
+        dec = self._decoders.pop(key, None)
+        if dec is None:
+            while len(self._decoders) >= 4:  # bound the KV caches and graphs kept
+                self._decoders.pop(next(iter(self._decoders)))
+            dec = StaticDecoder(self, batch, key[1])
+        self._decoders[key] = dec  # most recently used last
+        return dec
+
     def _load_tokenizer(self):
         files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if not any((self.path / f).is_file() for f in files):
@@ -273,6 +310,24 @@ class Engine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        if self.manager.cuda is not None:  # CUDA: static KV cache, decode steps as CUDA graphs
+            dec = self._decoder(1, len(prompt_ids) + params.max_tokens)
+            t0 = time.perf_counter()
+            logits = dec.prefill([prompt_ids])
+            try:
+                for step in range(params.max_tokens):
+                    tok = sample(logits[0], params, gen)
+                    if step == 0:
+                        stats["ttft_s"] = time.perf_counter() - t0
+                        t_dec = time.perf_counter()
+                    stats["completion_tokens"] = step + 1
+                    stats["decode_s"] = time.perf_counter() - t_dec
+                    yield tok
+                    if step + 1 < params.max_tokens:
+                        logits = dec.step([tok])
+            finally:
+                dec.flush()  # the last step's bookkeeping, before the request's counters are read
+            return
         cache = DynamicCache(config=self.hf_config)
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
@@ -342,6 +397,64 @@ class Engine:
             pass
         return box["generation"]
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.95,
+                       top_k: int = 0, seed: int | None = None,
+                       substitution_alpha: float | None = None) -> list[Generation]:
+        """Decode several prompts in lock step: one forward per step for all of them over a static KV cache (a CUDA
+        graph per batch size on CUDA). Greedy output equals `generate(..., temperature=0)` of each prompt alone up
+        to float rounding. Each result's stats carry the batch's `batch_decode_tok_s` (all rows' decode tokens
+        over the decode time)."""
+        params = self._params(max_tokens, temperature, top_p, top_k, (), seed)
+        alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
+        if not prompts:
+            raise ValueError("prompts: empty list; give at least one prompt")
+        ids = [self.encode(p) for p in prompts]
+        vocab = self.hf_config.vocab_size
+        for i, p in enumerate(ids):
+            if min(p) < 0 or max(p) >= vocab:
+                raise ValueError(f"prompts[{i}]: token ids must be in [0, {vocab})")
+        longest = max(len(p) for p in ids)
+        if longest + max_tokens > self.max_context:
+            raise ValueError(f"max_tokens: the longest prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds "
+                             f"the model context of {self.max_context}")
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        n = len(ids)
+        with self._lock:
+            self.manager.alpha = alpha
+            before = _counters(self)
+            dec = self._decoder(n, longest + max_tokens)
+            t0 = time.perf_counter()
+            logits = dec.prefill(ids)
+            ttft = time.perf_counter() - t0
+            outs: list[list[int]] = [[] for _ in ids]
+            finish = ["length"] * n
+            done = [False] * n
+            t_dec = time.perf_counter()
+            steps = 0
+            for step in range(max_tokens):
+                toks = [sample(logits[b], params, gen) for b in range(n)]
+                for b, tok in enumerate(toks):
+                    if done[b]:
+                        continue
+                    if tok in self.eos_ids:
+                        done[b], finish[b] = True, "eos"
+                    else:
+                        outs[b].append(tok)
+                if all(done) or step + 1 == max_tokens:
+                    break
+                logits = dec.step(toks)
+                steps += 1
+            dec.flush()
+            dec_s = time.perf_counter() - t_dec
+            self.requests += n
+            after = _counters(self)
+        shared = {k: after[k] - before[k] for k in after}
+        shared.update(batch_size=n, ttft_s=ttft, decode_s=dec_s, decode_steps=steps,
+                      batch_decode_tok_s=n * steps / dec_s if dec_s > 0 else 0.0, substitution_alpha=alpha)
+        return [Generation(self.decode(o), o, len(p), f, {**shared, "completion_tokens": len(o)})
+                for o, p, f in zip(outs, ids, finish)]
+
     # ---- stats ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         c, m, r = self.manager.cache, self.manager, self.reader
@@ -375,8 +488,20 @@ class Engine:
             "stall_seconds": m.stall_seconds,
             "expert_compute_seconds": m.compute_seconds,
             "requests": self.requests,
+            **self._cuda_stats(),
             "per_layer": {layer: vars(s).copy() for layer, s in sorted(m.layer_stats.items())},
         }
+
+    def _cuda_stats(self) -> dict:
+        if self.manager.cuda is None:
+            return {}
+        cu, decs = self.manager.cuda, list(self._decoders.values())
+        return {"host_tier_experts": len(self.host), "host_tier_bytes": self.host.nbytes,
+                "host_tier_load_seconds": self.host.load_seconds, "h2d_gbps": cu.h2d_gbps,
+                "h2d_copies": cu.copies, "h2d_bytes": cu.copy_bytes, "cpu_computed_experts": cu.cpu_computed,
+                "graph_steps": sum(d.graph_steps for d in decs), "eager_steps": sum(d.eager_steps for d in decs),
+                "graph_redone": sum(d.graph_misses for d in decs),
+                "graph_misses_loaded": cu.graph_misses_loaded}
 
     def close(self) -> None:
         if self.manager.loader is not None:

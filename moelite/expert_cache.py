@@ -7,6 +7,8 @@ Contract:
     evicted. `pin`/`unpin` is the protection shield: a pinned expert is never evicted.
   - Policies see accesses and score observations; every policy changes speed only, never output.
   - Capacity is fixed at construction, so resident expert bytes can never exceed the budget.
+  - `listeners` are called as fn(key, slot) when `key` becomes resident in `slot` and fn(key, None) when it is
+    evicted (the CUDA path mirrors residency into a device slot table with them).
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ class ExpertCache:
             shared = list(reversed(range(n_slots)))
             self.free = {layer: shared for layer in layers}
         self.last_evicted: Key | None = None
+        self.listeners: list = []
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -215,6 +218,8 @@ class ExpertCache:
             victim = self.policy.victim(candidates)
             slot = self.slot_of.pop(victim)
             self.policy.on_evict(victim)
+            for fn in self.listeners:
+                fn(victim, None)
             self.evictions += 1
             self.last_evicted = victim
         self.owner[slot] = key
@@ -230,6 +235,8 @@ class ExpertCache:
     def commit(self, key: Key, slot: int, count_miss: bool = True) -> None:
         """Record `key` as resident in `slot` once its bytes are loaded."""
         self.slot_of[key] = slot
+        for fn in self.listeners:
+            fn(key, slot)
         if count_miss:
             self.misses += 1
         self.policy.on_insert(key)

@@ -115,6 +115,10 @@ class ExpertManager:
     blocks: dict = field(default_factory=dict)  # layer -> OffloadedMoEBlock (set by build_model)
     last_x: object = None  # input [N, H] of the MoE layer now running
     next_layer: dict = field(default_factory=dict)  # layer -> next MoE layer
+    #: CUDA path (cuda_experts.CudaExperts) when the slots are in VRAM over a pinned host tier; None = this class
+    cuda: object = None
+    #: set by the CUDA-graph decoder while it captures: (flags [L], idx [L, N, k], scores [L, E] or None)
+    graph_buffers: object = None
 
     # ---- compute ---------------------------------------------------------------------------------------------
     def expert_forward(self, gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -256,6 +260,8 @@ class ExpertManager:
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None = None,
             is_decode: bool = False, substituted: torch.Tensor | None = None) -> torch.Tensor:
         # x [N, H], idx [N, k], w [N, k], substituted [N, k] bool or None -> out [N, H]
+        if self.cuda is not None:
+            return self.cuda.run(layer, x, idx, w, probs, is_decode, substituted)
         n_tok, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
@@ -408,6 +414,8 @@ class OffloadedMoEBlock(nn.Module):
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]
         m = self.manager
+        if m.graph_buffers is not None:  # being captured into a CUDA graph: device-only path
+            return self._graph_forward(x).reshape(bsz, seq, hid)
         m.last_x = x  # observers (trace recorder) may predict the next layer from it
         if m.replay is not None:
             idx, probs = m.replay.route(self.layer, x.shape[0], self.top_k, x.device)  # idx [N, k], probs [N, E]
@@ -424,3 +432,15 @@ class OffloadedMoEBlock(nn.Module):
         if shared is not None:
             out = out + shared
         return out.reshape(bsz, seq, hid)
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        m, b = self.manager, self.manager.graph_buffers
+        if b.replay_idx is not None:
+            r = m.cuda.row[self.layer]
+            idx, probs = b.replay_idx[r], b.replay_probs[r]
+            routing = Routing(probs, probs, idx, self.adapter.weigh(self.block, probs, idx))
+        else:
+            routing = self.adapter.route(self.block, x, self.top_k)
+        out = m.cuda.graph_forward(self.layer, x, routing, b, self.block, self.adapter)
+        shared = self.adapter.shared(self.block, x)
+        return out if shared is None else out + shared

@@ -142,33 +142,34 @@ def _plan_one_lists(routing: Routing, k: int, alpha, resident, stall_parallel: i
     return new, subbed
 
 
-def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor):
+def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor, sync: bool = True):
+    """sync=False (inside a CUDA graph): no early exits that read device values; the plan may substitute nothing
+    (new_idx == idx, substituted all False). `alpha` may then be an [N, 1] device tensor."""
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [N,E], [N,E], [N,k]
     n, e = probs.shape
     if e <= k:
         return None  # no (k+1)-th expert: nothing to substitute with
-    a = _alpha_column(alpha, n, probs.device)  # [N,1]
+    a = alpha if isinstance(alpha, torch.Tensor) and alpha.dim() == 2 else _alpha_column(alpha, n, probs.device)
     kth = torch.topk(choice, k + 1, dim=-1).indices[:, k:]  # [N,1] the expert ranked k+1
     s = probs.gather(1, kth).float()  # [N,1] S_{k+1}
     sel_p = probs.gather(1, idx).float()  # [N,k]
     top = sel_p > (1 + a) * s  # [N,k] top-score experts
-    union = torch.zeros(e, dtype=torch.bool, device=probs.device)
-    union[idx[top]] = True  # [E] top-score set of the batch
+    union = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, top).any(0)  # [E] top-score set of the batch
     free = resident | union  # [E] computing these costs no load
     miss = ~(top | free[idx])  # [N,k] low-score experts that would be loaded
-    if not bool(miss.any()):
+    if sync and not bool(miss.any()):
         return None
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True)  # [N,E]
     p = probs.float()
     cand = (~selected & free[None, :] & _eligible(probs, choice)
             & (p > (1 - a) * s) & (p <= s))  # [N,E]
-    if not bool(cand.any()):
+    if sync and not bool(cand.any()):
         return None
     c_score, c_idx = torch.sort(torch.where(cand, p, float("-inf")), dim=-1, descending=True)  # [N,E]
     m_order = torch.argsort(torch.where(miss, sel_p, float("inf")), dim=-1, stable=True)  # [N,k] misses, lowest first
     j = torch.arange(k, device=probs.device)[None, :]  # [1,k]
     usable = (j < miss.sum(-1, keepdim=True)) & torch.isfinite(c_score[:, :k])  # [N,k] j-th miss gets j-th candidate
-    if not bool(usable.any()):
+    if sync and not bool(usable.any()):
         return None
     new_at = torch.where(usable, c_idx[:, :k], idx.gather(1, m_order))  # [N,k] in miss order
     new_idx = idx.clone().scatter_(1, m_order, new_at)  # [N,k]
