@@ -8,7 +8,7 @@ Contract:
     <out>/gpu_bench.json (full precision) and <out>/gpu_bench.md (command, date, hardware, table); --out defaults
     to $OUT when set.
   - bounds: HBM = device-to-device copy of 2 GiB, median of 10 (cuda events), GB/s counting bytes read + written
-    (and read only = half); pinned host-to-device copy of 256 MiB, median of 10. null on CPU.
+    (its half is also recorded, as hbm_copy_GBps_read: not a read-only measurement); pinned host-to-device copy of 256 MiB, median of 10. null on CPU.
   - checkpoint: make_realshape(<work>/rs<layers>, --preset) unless there with the same shape. Active bytes/token =
     every non-routed-expert tensor but the embedding (lm_head included) + top_k x MoE layers x one expert, at the
     checkpoint dtype; HBM bound ms/token = active bytes / copy GB/s counting read + write (bytes moved per second).
@@ -178,8 +178,8 @@ def prompts(vocab: int, n: int, seed: int, length: int = 32) -> list[list[int]]:
 
 # ---- moelite ------------------------------------------------------------------------------------------------------
 def load_engine(args, rs: Path, budget: str, **cfg):
-    extra = {k: v for k, v in (("host_budget", "auto"), ("cuda_graphs", True)) if k in FIELDS
-             and (k != "cuda_graphs" or args.device.startswith("cuda"))}
+    extra = {k: v for k, v in (("host_budget", "auto"), ("cuda_graphs", True), ("compile_decode", args.compile))
+             if k in FIELDS and (k == "host_budget" or args.device.startswith("cuda"))}
     free()  # the previous engine (a web of cycles, unreachable by now) releases its slots and pinned memory first
     t = time.time()
     eng = moelite.load(str(rs), device=args.device, expert_budget=budget, **extra, **cfg)
@@ -414,7 +414,7 @@ def markdown(res: dict, cmd: str) -> str:
           f"(CUDA {hw.get('cuda')}), transformers {hw.get('transformers')}, accelerate {hw.get('accelerate')}. "
           f"Total {res['seconds']:.0f} s.{' FATAL: ' + res['fatal'] if res.get('fatal') else ''}\n",
           f"HBM device-to-device copy {fmt(b.get('hbm_copy_GBps_rw'), '.0f')} GB/s counting bytes read + written "
-          f"({fmt(b.get('hbm_copy_GBps_read'), '.0f')} GB/s read only); pinned host-to-device "
+          f"({fmt(b.get('hbm_copy_GBps_read'), '.0f')} GB/s, half of it); pinned host-to-device "
           f"{fmt(b.get('h2d_pinned_GBps'), '.1f')} GB/s. Checkpoint {ck.get('path', '-')}: {ck.get('moe_layers')} MoE "
           f"layers x {ck.get('num_experts')} experts, top-{ck.get('top_k')}; dense {gb(ck.get('dense_bytes'))} GB, "
           f"routed experts {gb(ck.get('expert_bytes'))} GB; active bytes per token "
@@ -459,6 +459,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True, help="prefetch in budget rows")
     p.add_argument("--miss-policy", default="load", help="miss policy of the budget rows")
     p.add_argument("--skip-hf", action="store_true", help="no HF accelerate rows")
+    p.add_argument("--compile", action="store_true", help="engines with compile_decode=True (torch.compile before "
+                   "CUDA-graph capture)")
     p.add_argument("--skip-smoe", action="store_true", help="no SMoE rows")
     p.add_argument("--trace", default=str(ROOT / "benchmarks" / "results" / "cache" / "demo_trace.npz"),
                    help="routing trace replayed by the replay rows")
@@ -476,7 +478,7 @@ def main(argv=None) -> int:
     run = Runner(args.time_budget)
     res: dict = {"command": cmd.strip(), "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                  "device": args.device, "tokens": args.tokens, "prompts": args.prompts, "tiny": args.tiny,
-                 "engine_fields": sorted(FIELDS & {"host_budget", "cuda_graphs"}), "rows": run.rows, "hardware": None,
+                 "engine_fields": sorted(FIELDS & {"host_budget", "cuda_graphs", "compile_decode"}), "rows": run.rows, "hardware": None,
                  "bounds": None, "checkpoint": None, "bound_ms_per_token": None, "smoe": None}
     try:
         dev = torch.device(args.device)

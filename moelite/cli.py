@@ -37,8 +37,9 @@ _HELP = {
     "num_threads": "torch CPU threads",
     "host_budget": "CUDA: pinned host RAM for routed experts under the VRAM slots (auto = all if they fit, "
                    "a size, a percentage, or 0 = read misses from SSD)",
-    "cuda_graphs": "CUDA: run decode steps whose experts are all resident as CUDA graphs",
+    "cuda_graphs": "CUDA: run decode steps as captured CUDA graphs (misses read zero-copy from pinned RAM)",
     "expert_kernel": "CUDA: fused expert computation, auto, triton or torch",
+    "compile_decode": "CUDA graphs: torch.compile the decode step's layers before capture (first call slower)",
 }
 
 
@@ -48,11 +49,12 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
         if f.name in _SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
+        text = (_HELP.get(f.name) or f.name.replace("_", " ")) + " (default: %(default)s)"
         if f.type in ("bool", bool):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=_HELP.get(f.name))
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             conv = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
-            g.add_argument(flag, type=conv, default=f.default, help=_HELP.get(f.name))
+            g.add_argument(flag, type=conv, default=f.default, help=text)
 
 
 def engine_config(args) -> EngineConfig:

@@ -125,10 +125,13 @@ class EngineConfig:
     # the available RAM, else what does; a size or a percentage of the routed experts as for expert_budget;
     # "0" = none: misses are read from SSD through a staging buffer)
     host_budget: str | int | float = "auto"
-    # CUDA: decode steps whose experts are all resident run as a captured CUDA graph
+    # CUDA (with a host tier): decode steps run as captured CUDA graphs, misses read zero-copy from pinned RAM
     cuda_graphs: bool = True
     # CUDA: the fused expert computation, "triton" kernels or the "torch" gather + batched matmul
     expert_kernel: str = "auto"
+    # CUDA graphs: compile the decode step's decoder layers and MoE glue with torch.compile before capture
+    # (fewer, fused kernels; the first generation per batch size pays the compile, ~15-20 s)
+    compile_decode: bool = False
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> "EngineConfig":

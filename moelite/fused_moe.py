@@ -160,9 +160,10 @@ if triton is not None:
         tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=valid[:, None] & nmask[None, :])
 
 
-#: (BLOCK_N, BLOCK_K) per kernel; small N tiles give enough programs to keep every SM reading at batch 1
-GATE_UP_TILE = (32, 128)
-DOWN_TILE = (32, 128)
+#: (BLOCK_N, BLOCK_K, num_warps, num_stages) per kernel; small N tiles give enough programs to keep every SM
+#: reading at batch 1 (benchmarks/gpu_kernels.py compares tiles on the GPU at hand)
+GATE_UP_TILE = (32, 128, 4, 3)
+DOWN_TILE = (32, 128, 4, 3)
 
 
 def _fused_triton(x, buffer, hidden, inter, slots, weights, host_offsets):
@@ -178,16 +179,16 @@ def _fused_triton(x, buffer, hidden, inter, slots, weights, host_offsets):
     y = torch.zeros((p, h), dtype=torch.float32, device=x.device)  # indexed by pair; skipped pairs stay 0
     wts = weights.reshape(-1).to(torch.float32).contiguous()
     xc = x.contiguous()
-    bn, bk = GATE_UP_TILE
+    bn, bk, warps, stages = GATE_UP_TILE
     _gate_up_kernel[(p, triton.cdiv(inter, bn))](
         xc, buffer, host_offsets, hbuf, order, rows, code,
         xc.stride(0), buffer.stride(0), hbuf.stride(0),
-        k=k, H=h, I=inter, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
-    bn, bk = DOWN_TILE
+        k=k, H=h, I=inter, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=warps, num_stages=stages)
+    bn, bk, warps, stages = DOWN_TILE
     _down_kernel[(p, triton.cdiv(h, bn))](
         hbuf, buffer, host_offsets, y, wts, order, rows, code,
         hbuf.stride(0), buffer.stride(0), y.stride(0),
-        H=h, I=inter, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee)
+        H=h, I=inter, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, IEEE=ieee, num_warps=warps, num_stages=stages)
     return y.view(n, k, h).sum(1).to(x.dtype)
 
 

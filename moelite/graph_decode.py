@@ -241,6 +241,8 @@ class StaticDecoder:
     def _capture(self, sub: bool) -> None:
         m = self.eng.manager
         dev = self.eng.device
+        if self.eng.config.compile_decode:
+            compile_decode(self.eng)
         mask = self.valid[:, None, None, :]
         self.buffers.alpha = self.alpha_buf if sub else None
         m.graph_buffers = self.buffers
@@ -259,6 +261,26 @@ class StaticDecoder:
             m.graph_buffers = None
             self.buffers.alpha = None
         # the graph reads the buffers' tensors by address; the Python object is needed only while capturing
+
+
+def compile_decode(engine) -> None:
+    """torch.compile the decoder layers (for decode steps: while a graph is being captured) and each MoE block's
+    graph path, once per engine. The layers' eager path (prefill, redone steps) stays uncompiled, so prompt
+    lengths cause no recompilation; each batch size compiles once."""
+    if getattr(engine, "_compiled", False):
+        return
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):  # one specialisation per layer and batch size
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), 8 * len(engine.model.model.layers)))
+    m = engine.manager
+    for layer in engine.model.model.layers:
+        eager, fast = layer.forward, torch.compile(layer.forward, dynamic=False)
+        layer.forward = lambda *a, _e=eager, _f=fast, **kw: (_f if m.graph_buffers is not None else _e)(*a, **kw)
+    for block in m.blocks.values():
+        block._graph_forward = torch.compile(block._graph_forward, dynamic=False)
+    engine._compiled = True
 
 
 def bucket(n: int, step: int = 256) -> int:

@@ -410,6 +410,8 @@ class OffloadedMoEBlock(nn.Module):
         self.layer, self.adapter, self.top_k = layer, adapter, top_k
         self.manager = manager
 
+    @torch.compiler.disable  # a compiled decoder layer breaks its graph here (compile_decode compiles the graph
+    # path, `_graph_forward`, on its own; the eager path has host-side cache bookkeeping)
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]

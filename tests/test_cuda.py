@@ -157,3 +157,13 @@ def test_cuda_generate_batch_matches_alone(tiny, kernel):
     batch = eng.generate_batch(prompts, max_tokens=12, temperature=0)
     assert [g.token_ids for g in batch] == alone
     assert eng.stats()["graph_steps"] > 0
+
+
+def test_cuda_compile_decode_matches_eager(tiny):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
+    want = _reference(path).generate([5, 9, 14, 20], max_tokens=16, temperature=0).token_ids
+    eng = moelite.load(path, device="cuda", expert_budget="25%", expert_dtype="float32", compile_decode=True)
+    eng.eos_ids = set()
+    assert eng.generate([5, 9, 14, 20], max_tokens=16, temperature=0).token_ids == want
+    assert eng.generate([7, 8], max_tokens=16, temperature=0).token_ids  # another prompt length: no failure
+    assert eng._compiled and eng.stats()["graph_steps"] >= 15
