@@ -69,21 +69,13 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _available_ram() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def cmd_generate(args) -> int:
     from .engine import Engine
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     engine = Engine(args.model, engine_config(args), progress=not args.json)
+    if engine.budget_note and not args.json:
+        print(engine.budget_note, file=sys.stderr)
     box: dict = {}
     out = sys.stdout
     if not args.json:
@@ -123,7 +115,10 @@ def cmd_info(args) -> int:
     from .arch import adapter_for
     from .checkpoint import Checkpoint
     from .demo import demo_model_path
+    import torch
+
     from .expert_store import ExpertLayout
+    from .memory import auto_budget
 
     path = Path(args.model) if args.model else demo_model_path()
     ckpt = Checkpoint.open(path, allow_pickle=args.allow_pickle)
@@ -134,18 +129,21 @@ def cmd_info(args) -> int:
     names = layout.expert_tensor_names()
     dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
     expert_bytes = layout.total_disk_bytes
-    avail = _available_ram()
     fp32_scale = 4 / layout.disk_dtype.itemsize
     per_expert32 = layout.disk_bytes * fp32_scale
-    fit = max(0.0, avail * 0.8 - dense * fp32_scale)  # keep 20% headroom for activations, KV cache, the OS
+    auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert32 * len(layout.experts)))
     info = {
         "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
         "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
         "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
         "dense_bytes": dense, "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
-        "min_budget_bytes_fp32": int(top_k * per_expert32), "available_ram_bytes": avail,
-        "max_budget_fitting_ram_fp32": int(min(fit, per_expert32 * len(layout.experts))),
+        "min_budget_bytes_fp32": int(top_k * per_expert32), "available_ram_bytes": auto.available,
+        "available_ram_source": auto.source, "max_budget_fitting_ram_fp32": auto.bytes,
+        "auto_budget_note_cpu": auto.note,
     }
+    if torch.cuda.is_available():
+        gpu = auto_budget("cuda", dense, cfg, layout.disk_dtype, expert_bytes)
+        info.update(auto_budget_bytes_cuda=gpu.bytes, auto_budget_note_cuda=gpu.note)
     if args.json:
         print(json.dumps(info))
         return 0
@@ -154,9 +152,11 @@ def cmd_info(args) -> int:
     print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk)")
     print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
     print(f"  minimum budget     {format_bytes(info['min_budget_bytes_fp32'])} (top-{top_k} experts as float32 on CPU)")
-    pct = info["max_budget_fitting_ram_fp32"] / (per_expert32 * len(layout.experts))
-    print(f"  this machine       {format_bytes(avail)} RAM available -> budgets up to "
-          f"{format_bytes(info['max_budget_fitting_ram_fp32'])} ({pct:.0%} of experts) fit on CPU")
+    pct = auto.bytes / (per_expert32 * len(layout.experts))
+    print(f"  this machine (CPU) {auto.note} ({pct:.0%} of the experts as float32)")
+    if "auto_budget_note_cuda" in info:
+        print(f"  this machine (GPU) {info['auto_budget_note_cuda']} "
+              f"({info['auto_budget_bytes_cuda'] / expert_bytes:.0%} of the experts)")
     return 0
 
 

@@ -55,7 +55,7 @@ def parse_budget(value: str | int | float) -> tuple[str, float]:
     m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([a-z]*)", text)
     if not m or m.group(2) not in _UNITS:
         raise ValueError(
-            f"expert_budget: cannot parse {value!r}; use a percentage ('25%'), bytes ('1073741824') "
+            f"expert_budget: cannot parse {value!r}; use 'auto', a percentage ('25%'), bytes ('1073741824') "
             f"or a size with a unit ({', '.join(u for u in _UNITS if u)})"
         )
     nbytes = float(m.group(1)) * _UNITS[m.group(2)]
@@ -84,6 +84,8 @@ class EngineConfig:
     """Everything `moelite.load` accepts besides the model path."""
 
     device: str = "cpu"
+    # "25%" of the routed experts, bytes, "2GiB", or "auto": the memory this process may use (cgroup limit, else
+    # available RAM; free VRAM on CUDA) minus dense weights, KV cache and headroom (moelite.memory)
     expert_budget: str | int | float = "25%"
     cache_policy: str = "lru"
     # dtype of expert slots; "auto" = float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512), checkpoint dtype on CUDA
@@ -136,7 +138,8 @@ class EngineConfig:
 
     def validate(self) -> "EngineConfig":
         parse_device(self.device)
-        parse_budget(self.expert_budget)
+        if self.expert_budget != "auto":  # auto: resolved at load against the memory this process may use
+            parse_budget(self.expert_budget)
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy: {self.cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
         if self.expert_dtype not in EXPERT_DTYPES:

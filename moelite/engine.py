@@ -30,7 +30,8 @@ from .config import EngineConfig, check_alpha, format_bytes, parse_device, resol
 from .expert_cache import ExpertCache, make_policy
 from .expert_store import ExpertLayout, ExpertReader, SlotPool
 from .graph_decode import StaticDecoder, bucket
-from .host_tier import HostTier, available_host_bytes
+from .host_tier import HostTier
+from .memory import auto_budget, available_memory
 from .loader import Loader
 from .model import build_model
 from .moe_layer import ExpertManager
@@ -91,7 +92,20 @@ class Engine:
         sdtype = slot_dtype(self.config, self.device, layout.disk_dtype)
         slot_bytes = layout.numel * sdtype.itemsize
         total = slot_bytes * len(layout.experts)
-        n_slots, budget = resolve_budget(self.config.expert_budget, total, slot_bytes)
+        experts = layout.expert_tensor_names()
+        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * self.dtype.itemsize
+                               for n, t in ckpt.tensors.items() if n not in experts)
+        self.budget_note = None
+        budget_value = self.config.expert_budget
+        if budget_value == "auto":
+            auto = auto_budget(self.device, self.dense_bytes, self.hf_config, self.dtype, total)
+            self.budget_note = auto.note
+            if auto.bytes < self.top_k * slot_bytes:
+                raise ValueError(f"{auto.note}: that is below one layer's top-{self.top_k} experts "
+                                 f"({format_bytes(self.top_k * slot_bytes)}); free memory, or give expert_budget "
+                                 "as a size or a percentage")
+            budget_value = auto.bytes
+        n_slots, budget = resolve_budget(budget_value, total, slot_bytes)
         n_slots = min(n_slots, len(layout.experts))
         n_layers = len(layout.layers)
         profile = self.config.substitution_profile
@@ -113,9 +127,6 @@ class Engine:
                 f"({format_bytes(need * slot_bytes)}); raise the budget to at least that "
                 f"(all routed experts: {format_bytes(total)})")
         self.budget_bytes = budget
-        experts = layout.expert_tensor_names()
-        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * self.dtype.itemsize
-                               for n, t in ckpt.tensors.items() if n not in experts)
         if self.device.type == "cuda":
             # cuDNN's attention backend plans a graph per new sequence length, i.e. at every decode step (about
             # 7 ms per layer measured on an H100 with torch 2.11); flash / memory-efficient kernels need no plan.
@@ -173,7 +184,7 @@ class Engine:
                           "tier and fused expert path are off for this model", stacklevel=2)
             return
         if hb == "auto":
-            nbytes = min(total, int(0.8 * available_host_bytes()))
+            nbytes = min(total, int(0.8 * available_memory("cpu")[0]))
         else:
             nbytes = min(total, resolve_budget(hb, total, 1)[1])
         self.host = HostTier(self.layout, self.reader, sdtype, nbytes, progress=progress)
@@ -465,6 +476,7 @@ class Engine:
             "device": str(self.device),
             "cache_policy": self.config.cache_policy,
             "expert_budget_bytes": self.budget_bytes,
+            "expert_budget_note": self.budget_note,
             "expert_slots": self.pool.n_slots,
             "expert_slot_bytes": self.pool.slot_bytes,
             "routed_expert_bytes": self.pool.slot_bytes * len(self.layout.experts),

@@ -9,15 +9,12 @@ Contract:
     directly (SMoE Algorithm 2).
   - Memory is allocated in chunks of at most 1 GiB, because the CUDA host allocator rounds each request up to a
     power of two; one chunk per request would waste up to half of a large tier.
-  - `available_host_bytes()` is MemAvailable, capped by a memory cgroup's limit where one applies.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -26,28 +23,6 @@ from .expert_store import ExpertLayout, ExpertReader
 
 Key = tuple[int, int]
 CHUNK_BYTES = 1 << 30
-
-
-def available_host_bytes() -> int:
-    avail = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if avail is None:
-        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_f).read_text().strip()
-            if limit != "max" and int(limit) < (1 << 60):
-                avail = min(avail, int(limit) - int(Path(usage_f).read_text().strip()))
-        except (OSError, ValueError):
-            continue
-    return max(0, avail)
 
 
 class HostTier:

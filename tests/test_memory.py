@@ -1,0 +1,56 @@
+"""expert_budget="auto": the memory this process may use, minus dense weights, KV cache and headroom."""
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+import moelite
+from moelite import memory
+
+
+def test_cgroup_limit_caps_available_memory(monkeypatch):
+    monkeypatch.setattr(memory, "_meminfo_available", lambda: 20 << 30)
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: 300 << 20)
+    assert memory.available_memory("cpu") == (300 << 20, "memory cgroup limit minus its usage")
+    monkeypatch.setattr(memory, "_cgroup_room", lambda: None)
+    assert memory.available_memory("cpu") == (20 << 30, "MemAvailable")
+
+
+def test_kv_cache_bytes_counts_keys_and_values_of_every_layer(tiny):
+    cfg = AutoConfig.from_pretrained(str(tiny("qwen2_moe")))
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    want = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 100 * 4
+    assert memory.kv_cache_bytes(cfg, torch.float32, 100) == want
+
+
+def test_auto_budget_fills_what_is_left(tiny, monkeypatch):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    full = moelite.load(path, expert_budget="100%")
+    slot, dense = full.pool.slot_bytes, full.dense_bytes
+    kv = memory.kv_cache_bytes(full.hf_config, torch.float32, min(full.max_context, memory.AUTO_CONTEXT))
+    avail = dense + kv + memory.MIN_HEADROOM + 7 * slot + slot // 2  # room for 7.5 slots after the reservations
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (avail, "test"))
+    eng = moelite.load(path, expert_budget="auto")
+    assert eng.pool.n_slots == 7 and eng.budget_bytes == 7 * slot + slot // 2
+    note = eng.stats()["expert_budget_note"]
+    assert note.startswith("expert_budget 'auto'") and "(test)" in note
+    ids = [5, 9, 14, 20]
+    eng.eos_ids = full.eos_ids = set()
+    assert eng.generate(ids, max_tokens=8, temperature=0).token_ids == \
+        full.generate(ids, max_tokens=8, temperature=0).token_ids
+    # more memory than the experts need: every expert, no more
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (1 << 40, "test"))
+    assert moelite.load(path, expert_budget="auto").pool.n_slots == full.pool.n_slots
+
+
+def test_auto_budget_too_small_is_refused_before_loading(tiny, monkeypatch):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4)
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (64 << 20, "test"))
+    with pytest.raises(ValueError, match=r"expert_budget 'auto'.*below one layer's top-4.*free memory"):
+        moelite.load(path, expert_budget="auto")
+
+
+def test_budget_strings_name_auto():
+    assert moelite.EngineConfig(expert_budget="auto").validate().expert_budget == "auto"
+    with pytest.raises(ValueError, match="'auto'"):
+        moelite.EngineConfig(expert_budget="automatic").validate()
