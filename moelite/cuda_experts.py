@@ -13,7 +13,8 @@ Contract:
   - Graph layer (`graph_forward`, captured by graph_decode): routing, the optional SMoE cache router (on the
     device: resident = has a VRAM slot), the code lookup and one fused call, with no host synchronisation. A miss
     is computed in place by the fused kernels reading its pinned host row over the bus (zero-copy). Only an
-    expert on SSD (-1) raises the layer's flag (the step is then redone eagerly).
+    expert on SSD (-1) raises the layer's flag (the step is then redone eagerly); with the torch backend, which
+    cannot read host rows, every miss does.
   - After a replayed step (`after_graph_step`) the policy sees the accesses; misses are copied into VRAM slots in
     the background per `miss_policy`: "load" every miss, "direct" none (the warm set stays), "hybrid" the
     highest-scoring misses whose copies fit in one step's time. A slot being filled keeps its expert's host code
@@ -52,6 +53,14 @@ class CudaExperts:
         for (layer, e), r in host.row_of.items():
             self.slot_table[self.row[layer], e] = -r - 2
         self.device_table = self.slot_table.to(self.device)
+        # the async table copy reads a pinned snapshot that nothing writes until two publications later (the
+        # decoder waits for each step), never slot_table itself, which the bookkeeping edits while a step runs
+        self._snapshots = [self.slot_table.clone().pin_memory() for _ in range(2)]
+        self._snap = 0
+        from .fused_moe import triton_available
+
+        # the torch backend cannot read pinned host rows: a graph step must then flag every miss
+        self.zero_copy = backend == "triton" or (backend == "auto" and triton_available())
         size = pool.buffer.element_size()
         base = pool.buffer.data_ptr()
         offs = [(host.row_by_index(r).data_ptr() - base) // size for r in range(len(host))] or [0]
@@ -89,8 +98,11 @@ class CudaExperts:
         stream = torch.cuda.current_stream(self.device)
         for slot in [s for s in self.ready if s not in self.pending]:
             stream.wait_event(self.ready.pop(slot))
-        self.device_table.copy_(self.slot_table, non_blocking=True)
-        return self.slot_table.tolist()  # what the next replay sees: decides hit or miss in its bookkeeping
+        snap = self._snapshots[self._snap]
+        self._snap ^= 1
+        snap.copy_(self.slot_table)
+        self.device_table.copy_(snap, non_blocking=True)
+        return snap.tolist()  # what the next replay sees: decides hit or miss in its bookkeeping
 
     def _measure_h2d(self) -> float:
         """Pinned host -> VRAM bandwidth in GB/s, measured once on one expert (the cost model of a copy)."""
@@ -112,15 +124,17 @@ class CudaExperts:
         """Queue the copy of `key` into `slot` after the slot's last readers; returns the fill's event."""
         src = self.host.row(key)
         last = self.last_read.pop(slot, None)
+        prev = self.ready.pop(slot, None)  # an earlier fill of this slot that may not have landed yet
+        self.pending.pop(slot, None)
         if src is None:  # not in the host tier: read from SSD (synchronous read, then an async copy)
-            if last is not None:
-                last.synchronize()
-            if self.graph_event is not None:
-                self.graph_event.synchronize()
+            for ev in (last, self.graph_event, prev):
+                if ev is not None:
+                    ev.synchronize()
             return self.m.reader.read_into(key, slot)
         with torch.cuda.stream(self.copy_stream):
-            if last is not None:
-                self.copy_stream.wait_event(last)
+            for ev in (last, prev):  # the slot's last reader, and its previous fill (possibly on another stream)
+                if ev is not None:
+                    self.copy_stream.wait_event(ev)
             if self.graph_event is not None:
                 self.copy_stream.wait_event(self.graph_event)
             self.m.pool.flat(slot).copy_(src, non_blocking=True)
@@ -138,6 +152,12 @@ class CudaExperts:
         if not cache.can_acquire(key[0]):
             return None
         slot = cache.acquire(key)
+        evicted = cache.last_evicted
+        if evicted is not None:
+            self.m.layer_stats.setdefault(evicted[0], LayerStats()).evictions += 1
+            if evicted in self.m.prefetched_unused:
+                self.m.prefetched_unused.discard(evicted)
+                self.m.prefetch_wasted += 1
         ev = self._fill(key, slot)
         cache.commit(key, slot, count_miss=False)
         if ev is not None:
@@ -163,7 +183,9 @@ class CudaExperts:
         stream = torch.cuda.current_stream(self.device)
         for s in slots:
             ev = self.ready.pop(s, None)
-            self.pending.pop(s, None)
+            pend = self.pending.pop(s, None)
+            if pend is not None and self.m.cache.slot_of.get(pend[0]) == s:  # the stream waits for it from now on,
+                self.slot_table[self.row[pend[0][0]], pend[0][1]] = s  # so graph steps may read the slot too
             if ev is not None:
                 stream.wait_event(ev)
 
@@ -322,7 +344,7 @@ class CudaExperts:
                 weights = adapter.weigh(block, routing.probs, idx).to(routing.weights.dtype)
                 buffers.substituted[r].copy_(sub)
         codes = table[idx]  # [N, k]
-        buffers.flags[r] = (codes == -1).any()
+        buffers.flags[r] = (codes == -1).any() if self.zero_copy else (codes < 0).any()
         buffers.idx[r].copy_(idx)
         if buffers.scores is not None:
             buffers.scores[r].copy_(routing.probs.float().mean(0))

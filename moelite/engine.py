@@ -193,12 +193,16 @@ class Engine:
 
     def _decoder(self, batch: int, positions: int) -> StaticDecoder:
         """The static-cache decoder (and its CUDA graph) for this batch size and cache length bucket."""
-        key = (batch, bucket(positions))
+        length = bucket(positions)
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and positions <= window:  # a sliding-window layer's static cache is at most the window long
+            length = min(length, window)
+        key = (batch, length)
         dec = self._decoders.pop(key, None)
         if dec is None:
             while len(self._decoders) >= 4:  # bound the KV caches and graphs kept
                 self._decoders.pop(next(iter(self._decoders)))
-            dec = StaticDecoder(self, batch, key[1])
+            dec = StaticDecoder(self, batch, length)
         self._decoders[key] = dec  # most recently used last
         return dec
 
@@ -321,8 +325,8 @@ class Engine:
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt: token ids must be in [0, {vocab})")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        if self.manager.cuda is not None:  # CUDA: static KV cache, decode steps as CUDA graphs
-            dec = self._decoder(1, len(prompt_ids) + params.max_tokens)
+        dec = self._decoder(1, len(prompt_ids) + params.max_tokens) if self.manager.cuda is not None else None
+        if dec is not None and not dec.sliding:  # CUDA: static KV cache, decode steps as CUDA graphs
             t0 = time.perf_counter()
             logits = dec.prefill([prompt_ids])
             try:
@@ -418,6 +422,9 @@ class Engine:
         over the decode time)."""
         params = self._params(max_tokens, temperature, top_p, top_k, (), seed)
         alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts: give a list of prompts (strings or token-id lists); for one prompt use "
+                             "generate()")
         if not prompts:
             raise ValueError("prompts: empty list; give at least one prompt")
         ids = [self.encode(p) for p in prompts]
@@ -435,6 +442,11 @@ class Engine:
             self.manager.alpha = alpha
             before = _counters(self)
             dec = self._decoder(n, longest + max_tokens)
+            window = getattr(self.hf_config, "sliding_window", None)
+            if dec.sliding and window and longest + max_tokens > window:
+                raise ValueError(f"max_tokens: generate_batch on this sliding-window model stays within its window "
+                                 f"of {window} positions; the longest prompt ({longest}) + max_tokens ({max_tokens}) "
+                                 "exceeds it; use generate() for longer outputs")
             t0 = time.perf_counter()
             logits = dec.prefill(ids)
             ttft = time.perf_counter() - t0
@@ -443,20 +455,22 @@ class Engine:
             done = [False] * n
             t_dec = time.perf_counter()
             steps = 0
-            for step in range(max_tokens):
-                toks = [sample(logits[b], params, gen) for b in range(n)]
-                for b, tok in enumerate(toks):
-                    if done[b]:
-                        continue
-                    if tok in self.eos_ids:
-                        done[b], finish[b] = True, "eos"
-                    else:
-                        outs[b].append(tok)
-                if all(done) or step + 1 == max_tokens:
-                    break
-                logits = dec.step(toks)
-                steps += 1
-            dec.flush()
+            try:
+                for step in range(max_tokens):
+                    toks = [sample(logits[b], params, gen) for b in range(n)]
+                    for b, tok in enumerate(toks):
+                        if done[b]:
+                            continue
+                        if tok in self.eos_ids:
+                            done[b], finish[b] = True, "eos"
+                        else:
+                            outs[b].append(tok)
+                    if all(done) or step + 1 == max_tokens:
+                        break
+                    logits = dec.step(toks)
+                    steps += 1
+            finally:
+                dec.flush()  # this request's last step is counted in its own stats, not the next request's
             dec_s = time.perf_counter() - t_dec
             self.requests += n
             after = _counters(self)

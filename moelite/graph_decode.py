@@ -54,13 +54,17 @@ class StaticDecoder:
         self.eng, self.batch, self.max_len = engine, batch, max_len
         dev = engine.device
         self.cache = _static_cache(engine.hf_config, batch, max_len, dev, engine.dtype)
+        #: sliding-window layers keep their own position counter and mask; the engine decodes such models with a
+        #: DynamicCache, and generate_batch only within the window
+        self.sliding = any(getattr(layer, "is_sliding", False) or "Sliding" in type(layer).__name__
+                           for layer in getattr(self.cache, "layers", []))
         self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=dev)
         self.ids = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         self.pos = torch.zeros((batch, 1), dtype=torch.long, device=dev)
         self.cache_pos = torch.zeros((1,), dtype=torch.long, device=dev)
         self.cur = 0
         m = engine.manager
-        self.use_graph = dev.type == "cuda" and m.cuda is not None and engine.config.cuda_graphs
+        self.use_graph = dev.type == "cuda" and m.cuda is not None and engine.config.cuda_graphs and not self.sliding
         self.graphs: dict[bool, tuple] = {}  # with cache router? -> (CUDAGraph, logits buffer)
         self.backoff = 0
         self.skip = 0
@@ -230,7 +234,7 @@ class StaticDecoder:
         self.graph_steps += 1
         self._deferred = (self.h_idx.clone(), self.h_sub.clone() if sub else None,
                           self.h_scores.clone() if self.h_scores is not None else None, step_s, table)
-        return self.h_logits.float()
+        return self.h_logits.to(torch.float32, copy=True)  # the pinned buffer is reused by the next step
 
     def flush(self) -> None:
         """Run the bookkeeping of the last replayed step now (the policy's accesses, hit counters, copies)."""

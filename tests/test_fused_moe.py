@@ -125,6 +125,8 @@ def test_generate_batch_rejects_bad_input(tiny):
     eng = moelite.load(tiny("qwen2_moe"), expert_budget="50%")
     with pytest.raises(ValueError, match="prompts: empty"):
         eng.generate_batch([])
+    with pytest.raises(ValueError, match="list of prompts"):
+        eng.generate_batch("one prompt as a string")
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
         eng.generate_batch([[1, 2], [10 ** 7]])
     with pytest.raises(ValueError, match="max_tokens"):
@@ -137,3 +139,14 @@ def test_host_budget_and_kernel_validated():
     with pytest.raises(ValueError, match="expert_kernel"):
         moelite.EngineConfig(expert_kernel="cublas").validate()
     assert moelite.EngineConfig(host_budget="8GiB").validate().host_budget == "8GiB"
+
+
+def test_generate_batch_on_sliding_window_model_stays_in_window(tiny, one_thread):
+    path = tiny("mixtral", num_hidden_layers=2, sliding_window=12)
+    eng = moelite.load(path, expert_budget="100%")
+    eng.eos_ids = set()
+    with pytest.raises(ValueError, match="window of 12"):
+        eng.generate_batch([[5, 9, 14, 20]], max_tokens=10)
+    prompts = [[5, 9, 14, 20], [7, 8, 9]]
+    alone = [eng.generate(p, max_tokens=6, temperature=0).token_ids for p in prompts]
+    assert [g.token_ids for g in eng.generate_batch(prompts, max_tokens=6, temperature=0)] == alone
