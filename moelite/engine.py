@@ -133,14 +133,19 @@ class Engine:
             # Process-wide; MOELITE_CUDNN_SDPA=1 keeps it.
             if os.environ.get("MOELITE_CUDNN_SDPA") != "1":
                 torch.backends.cuda.enable_cudnn_sdp(False)
-            free, _ = torch.cuda.mem_get_info(self.device)
-            if self.dense_bytes + n_slots * slot_bytes > free:
+        if self.config.expert_budget != "auto":  # a budget the user gave: refuse it now if it cannot fit
+            fit = auto_budget(self.device, self.dense_bytes, self.hf_config, self.dtype, total)
+            if n_slots * slot_bytes > fit.bytes:
                 raise ValueError(
-                    f"expert_budget: dense weights ({format_bytes(self.dense_bytes)}) + {n_slots} expert slots "
-                    f"({format_bytes(n_slots * slot_bytes)}) exceed free GPU memory ({format_bytes(free)}); "
-                    "lower the budget")
+                    f"expert_budget: {self.config.expert_budget!r} = {n_slots} expert slots "
+                    f"({format_bytes(n_slots * slot_bytes)}) does not fit: {format_bytes(fit.available)} available "
+                    f"({fit.source}) - {format_bytes(fit.dense)} dense weights - {format_bytes(fit.kv_cache)} KV cache "
+                    f"- {format_bytes(fit.headroom)} headroom leaves {format_bytes(fit.bytes)} "
+                    f"({fit.bytes / total:.0%} of the routed experts); give at most that, or expert_budget='auto'")
 
         self.pool = SlotPool(layout, n_slots, sdtype, self.device)
+        if self.device.type == "cpu":
+            self.pool.buffer.zero_()  # touch every page now: memory that is not there fails here, not mid-request
         self.reader = ExpertReader(layout, self.pool, drop_page_cache=self.config.drop_page_cache)
         policy = make_policy(self.config.cache_policy, self.config.score_window)
         cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)

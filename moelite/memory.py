@@ -4,7 +4,8 @@ Contract:
   - `available_memory(device)` -> (bytes, source). CPU: MemAvailable, capped by the memory cgroup's limit minus its
     usage where one applies (cgroup v2 or v1; the cgroup counts page cache too). CUDA: the device's free memory.
   - `auto_budget(...)` -> `AutoBudget`: available - dense weights - KV cache for the context - headroom, clamped to
-    [0, every routed expert]. Headroom is 10% of what is available, at least 256 MiB, for activations, the
+    [0, every routed expert]. The engine uses it twice: as the budget of expert_budget="auto", and as the largest
+    budget it accepts at load (a bigger one is refused before anything is read, with these numbers). Headroom is 10% of what is available, at least 256 MiB, for activations, the
     allocator and the rest of the process. `note` says how the figure came about, for `moelite info` and the load
     message.
 """

@@ -54,3 +54,16 @@ def test_budget_strings_name_auto():
     assert moelite.EngineConfig(expert_budget="auto").validate().expert_budget == "auto"
     with pytest.raises(ValueError, match="'auto'"):
         moelite.EngineConfig(expert_budget="automatic").validate()
+
+
+def test_budget_that_cannot_fit_is_refused_at_load_with_the_largest_that_fits(tiny, monkeypatch):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    full = moelite.load(path, expert_budget="100%")
+    slot, dense = full.pool.slot_bytes, full.dense_bytes
+    kv = memory.kv_cache_bytes(full.hf_config, torch.float32, min(full.max_context, memory.AUTO_CONTEXT))
+    avail = dense + kv + memory.MIN_HEADROOM + 10 * slot  # room for 10 of the 48 experts
+    monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (avail, "test"))
+    with pytest.raises(ValueError, match=r"expert_budget: '50%' = 24 expert slots .* does not fit.*\(test\).*give at "
+                                         r"most that, or expert_budget='auto'"):
+        moelite.load(path, expert_budget="50%")
+    assert moelite.load(path, expert_budget=10 * slot).pool.n_slots == 10  # exactly what fits is accepted
