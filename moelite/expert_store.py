@@ -10,7 +10,8 @@ Contract:
     next to each other in a shard are one read, `read_plan`) from the shard files,
     straight into the slot when dtypes agree, otherwise through a preallocated staging buffer; on CUDA through
     pinned staging memory and a separate copy stream. With `drop_page_cache` the file pages just read are dropped
-    (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped.
+    (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped. A read
+    that fails is tried once more, then raises `ExpertReadError` naming the expert, its tensors, file and offset.
 """
 
 from __future__ import annotations
@@ -146,6 +147,10 @@ class SlotPool:
         return self.buffer[slot]
 
 
+class ExpertReadError(OSError):
+    """An expert's bytes could not be read (after one retry); the message names expert, tensors, file and offset."""
+
+
 def _preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> None:
     """Fill `views` (one buffer, or several filled in order) from the contiguous file range starting at `offset`."""
     views = [views] if isinstance(views, memoryview) else views
@@ -233,7 +238,18 @@ class ExpertReader:
         pos = 0
         for path, offset, nbytes, segs in plan:
             fd = self._fd(path)
-            _preadv_all(fd, [raw[dp: dp + n] for dp, n in segs], offset)
+            views = [raw[dp: dp + n] for dp, n in segs]
+            try:
+                try:
+                    _preadv_all(fd, views, offset)
+                except OSError:  # a transient error (EIO, EINTR on a network file system) gets one more try
+                    _preadv_all(fd, views, offset)
+            except OSError as exc:
+                names = ", ".join(p.name for p in self.layout.experts[key].parts)
+                raise ExpertReadError(
+                    f"expert {key[1]} of layer {key[0]}: reading {nbytes} bytes of {names} from {path.name!r} at "
+                    f"offset {offset} failed twice ({exc}); the file is truncated, damaged or unreadable: restore "
+                    "it (the engine recovers once it reads correctly)") from exc
             if self.drop_page_cache:
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
             pos += nbytes

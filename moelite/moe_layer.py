@@ -221,6 +221,13 @@ class ExpertManager:
                     self.prefetch_wasted += 1
                     continue
             if fut.done():
+                if is_prefetch and fut.exception() is not None:  # a prediction that could not be read: drop it
+                    del self.inflight[key]
+                    self.cache.unpin(slot)
+                    self.cache.release(slot)
+                    self.prefetched_unused.discard(key)
+                    self.prefetch_wasted += 1
+                    continue
                 self.cache.unpin(self._finish(key))
 
     def _fill(self, layer: int, queue: deque, waiting: list) -> None:
@@ -262,6 +269,35 @@ class ExpertManager:
         # x [N, H], idx [N, k], w [N, k], substituted [N, k] bool or None -> out [N, H]
         if self.cuda is not None:
             return self.cuda.run(layer, x, idx, w, probs, is_decode, substituted)
+        pins, inflight = dict(self.cache.pins), set(self.inflight)
+        try:
+            return self._run(layer, x, idx, w, probs, is_decode, substituted)
+        except BaseException:
+            self._recover(pins, inflight)
+            raise
+
+    def _recover(self, pins: dict, inflight: set) -> None:
+        """After a layer failed (a read error, an interrupt): reads it started either land in the cache (if they
+        succeeded) or give their slot back, and the shield is as it was before the layer, so that nothing stays
+        pinned or queued and the next request runs on a consistent cache."""
+        for key in [k for k in self.inflight if k not in inflight]:
+            slot, fut, _ = self.inflight.pop(key)
+            ok = False
+            if not fut.cancel():
+                try:
+                    event, _ = fut.result()
+                    if event is not None:
+                        torch.cuda.current_stream(self.pool.device).wait_event(event)
+                    ok = True
+                except BaseException:  # noqa: BLE001 - this read's own failure is not the one being raised
+                    ok = False
+            if ok:
+                self.cache.commit(key, slot, count_miss=False)
+            else:
+                self.cache.release(slot)
+        self.cache.pins = pins
+
+    def _run(self, layer, x, idx, w, probs, is_decode, substituted) -> torch.Tensor:
         n_tok, k = idx.shape
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
