@@ -212,23 +212,22 @@ class ExpertManager:
         """Commit finished loads; cancel this layer's prefetches that routing did not ask for."""
         for key in list(self.inflight):
             slot, fut, is_prefetch = self.inflight[key]
-            if key[0] == layer and key[1] not in needed and is_prefetch:
-                if fut.cancel():
-                    del self.inflight[key]
-                    self.cache.unpin(slot)
-                    self.cache.release(slot)
-                    self.prefetched_unused.discard(key)
-                    self.prefetch_wasted += 1
-                    continue
+            unused = key[0] == layer and key[1] not in needed and is_prefetch
+            if unused and fut.cancel():
+                self._drop_prefetch(key, slot)
+                continue
             if fut.done():
                 if is_prefetch and fut.exception() is not None:  # a prediction that could not be read: drop it
-                    del self.inflight[key]
-                    self.cache.unpin(slot)
-                    self.cache.release(slot)
-                    self.prefetched_unused.discard(key)
-                    self.prefetch_wasted += 1
+                    self._drop_prefetch(key, slot)
                     continue
                 self.cache.unpin(self._finish(key))
+
+    def _drop_prefetch(self, key: Key, slot: int) -> None:
+        del self.inflight[key]
+        self.cache.unpin(slot)
+        self.cache.release(slot)
+        self.prefetched_unused.discard(key)
+        self.prefetch_wasted += 1
 
     def _fill(self, layer: int, queue: deque, waiting: list) -> None:
         while queue and self._submit((layer, queue[0]), is_prefetch=False):
