@@ -237,7 +237,9 @@ class Batcher:
         try:
             with eng._lock:
                 self._set_alpha([s.alpha])
-                logits = eng.model(input_ids=ids, past_key_values=s.cache, use_cache=True, logits_to_keep=1).logits
+                with eng.manager.prefilling():
+                    logits = eng.model(input_ids=ids, past_key_values=s.cache, use_cache=True,
+                                       logits_to_keep=1).logits
         except Exception:
             log.exception("prefill failed")
             s.cache = None

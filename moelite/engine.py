@@ -18,6 +18,7 @@ import threading
 import warnings
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -292,10 +293,21 @@ class Engine:
             raise ValueError(f"input_ids: {input_ids.shape[1]} tokens exceed the context of {self.max_context}")
         return input_ids.long().to(self.device)
 
+    @contextmanager
+    def _request_alpha(self, alpha):
+        """The substitution alpha of one call; the engine's own afterwards, so that no call inherits another's."""
+        m = self.manager
+        m.alpha = alpha
+        try:
+            yield
+        finally:
+            m.alpha = self.config.substitution_alpha
+
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
+        """A full forward: scored as prefill (substitution only with substitute_in_prefill), at the engine's alpha."""
         ids = self._check_ids(input_ids)
-        with self._lock:
+        with self._lock, self._request_alpha(self.config.substitution_alpha), self.manager.prefilling():
             out = self.model(input_ids=ids, use_cache=False).logits
         return out.float().cpu()
 
@@ -352,7 +364,11 @@ class Engine:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
         t0 = time.perf_counter()
         for step in range(params.max_tokens):
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if step == 0:  # the prompt, whatever its length, is prefill
+                with self.manager.prefilling():
+                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            else:
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             tok = sample(out.logits[0, -1].float().cpu(), params, gen)
             if step == 0:
                 stats["ttft_s"] = time.perf_counter() - t0
@@ -369,8 +385,7 @@ class Engine:
         params = self._params(max_tokens, temperature, top_p, top_k, stop, seed)
         alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
         prompt_ids = self.encode(prompt)
-        with self._lock:
-            self.manager.alpha = alpha
+        with self._lock, self._request_alpha(alpha):
             before = _counters(self)
             stats: dict = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
             out_ids: list[int] = []
@@ -443,8 +458,7 @@ class Engine:
                              f"the model context of {self.max_context}")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         n = len(ids)
-        with self._lock:
-            self.manager.alpha = alpha
+        with self._lock, self._request_alpha(alpha):
             before = _counters(self)
             dec = self._decoder(n, longest + max_tokens)
             window = getattr(self.hf_config, "sliding_window", None)

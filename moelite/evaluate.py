@@ -78,8 +78,9 @@ def decode_logprobs(engine, ids: list[int], start: int, alpha=0.0) -> torch.Tens
         cache = DynamicCache(config=engine.hf_config)
         dev = engine.device
         if start > 1:
-            engine.model(input_ids=torch.tensor([ids[: start - 1]], device=dev), past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+            with m.prefilling():
+                engine.model(input_ids=torch.tensor([ids[: start - 1]], device=dev), past_key_values=cache,
+                             use_cache=True, logits_to_keep=1)
         rows = []
         for t in range(start - 1, len(ids) - 1):
             out = engine.model(input_ids=torch.tensor([[ids[t]]], device=dev), past_key_values=cache, use_cache=True)

@@ -138,7 +138,8 @@ class StaticDecoder:
         mask[:, 0, ar, ar] = True  # a padding row attends to itself (no empty softmax row, no NaN in the cache)
         self.pos_offset = pad.view(-1, 1)
         pos = (ar[None, :] - self.pos_offset).clamp_min(0)
-        logits = self._forward(ids, pos, mask)
+        with self.eng.manager.prefilling():
+            logits = self._forward(ids, pos, mask)
         self.cur = t
         self.cache_pos.fill_(t)
         self.pos.copy_(t - self.pos_offset)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -119,6 +120,17 @@ class ExpertManager:
     cuda: object = None
     #: set by the CUDA-graph decoder while it captures: (flags [L], idx [L, N, k], scores [L, E] or None)
     graph_buffers: object = None
+    #: True while a prompt is being prefilled (see `prefilling`): a one-token prompt is not a decode step
+    prefill: bool = False
+
+    @contextmanager
+    def prefilling(self):
+        """Forward passes inside are prefill (or full-sequence scoring), whatever their length."""
+        old, self.prefill = self.prefill, True
+        try:
+            yield
+        finally:
+            self.prefill = old
 
     # ---- compute ---------------------------------------------------------------------------------------------
     def expert_forward(self, gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
@@ -459,7 +471,7 @@ class OffloadedMoEBlock(nn.Module):
             routing = Routing(probs, probs, idx, self.adapter.weigh(self.block, probs, idx))
         else:
             routing = self.adapter.route(self.block, x, self.top_k)  # idx [N, k]
-        is_decode = seq == 1
+        is_decode = seq == 1 and not m.prefill
         for obs in m.observers:
             obs(self.layer, routing, is_decode)
         if m.substitute is not None and (is_decode or m.substitute_in_prefill) and alpha_positive(m.alpha):

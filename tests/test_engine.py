@@ -106,3 +106,30 @@ def test_stats_keys(tiny):
                 "expert_bytes_read"):
         assert key in s
     assert s["expert_misses"] > 0 and s["per_layer"]
+
+
+def test_request_alpha_does_not_leak_into_later_calls(tiny, one_thread):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    eng = moelite.load(path, expert_budget="25%")
+    ref = moelite.load(path, expert_budget="100%")
+    eng.eos_ids = set()
+    for _ in eng.stream([5, 9, 14, 20], max_tokens=6, temperature=0, substitution_alpha=0.9):
+        pass
+    assert eng.manager.alpha == eng.config.substitution_alpha == 0.0
+    ids = torch.tensor([[7]])  # one position: a decode-shaped forward, still exact
+    assert (eng.logits(ids) - ref.logits(ids)).abs().max() < 1e-5
+    before = eng.stats()["expert_substitutions"]
+    eng.generate([5, 9], max_tokens=6, temperature=0)
+    assert eng.stats()["expert_substitutions"] == before
+
+
+def test_one_token_prompt_prefill_is_not_counted_as_decode(tiny, one_thread):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    counts = []
+    for prompt in ([5], [5, 9, 14]):
+        eng = moelite.load(path, expert_budget="25%")
+        eng.eos_ids = set()
+        eng.generate(prompt, max_tokens=4, temperature=0)
+        m = eng.manager
+        counts.append(m.decode_hits + m.decode_misses)
+    assert counts[0] == counts[1] == 3 * 4 * len(eng.layout.layers)  # 3 decode steps x top-4 x MoE layers
