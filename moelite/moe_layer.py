@@ -184,6 +184,13 @@ class ExpertManager:
         slot = self.cache.acquire(key)
         self.cache.pin(slot)
         evicted = self.cache.last_evicted
+        copy_stream = self.reader.copy_stream
+        if evicted is not None and copy_stream is not None:
+            # CUDA without a host tier: kernels that read the evicted expert may still be queued; the copy that
+            # refills the slot (issued later on the copy stream, from an I/O thread) must come after them
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(self.pool.device))
+            copy_stream.wait_event(ev)
         if evicted is not None:
             self.layer_stats.setdefault(evicted[0], LayerStats()).evictions += 1
         if evicted is not None and evicted in self.prefetched_unused:
