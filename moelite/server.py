@@ -63,6 +63,13 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     cors_origins: list[str] = field(default_factory=list)
     drain_timeout_s: float = 60.0
+    #: a connection must complete a request's headers this many seconds after it opens or after its last response,
+    #: else it is closed (idle and slow-header sockets cannot pile up)
+    header_timeout_s: float = 10.0
+    #: idle seconds allowed between requests on a kept-alive connection
+    keep_alive_s: float = 5.0
+    #: open connections (and their requests) at once; beyond it new connections get 503 and are closed
+    max_connections: int = 1024
     profile: bool = True
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -517,8 +524,55 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "in
             return (st.batcher.idle() and st.inflight == 0) or time.monotonic() > self.drain_deadline
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), access_log=False)
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), access_log=False,
+                            http=_guarded_h11(settings.header_timeout_s), timeout_keep_alive=settings.keep_alive_s,
+                            limit_concurrency=settings.max_connections)
     return DrainingServer(config)
+
+
+def _guarded_h11(header_timeout_s: float):
+    """uvicorn's h11 protocol with a request-header deadline. uvicorn arms its idle timer only after a response,
+    and cancels it on any byte, so a socket that never sends, or trickles a header, stays open for ever. Here
+    each connection, and each kept-alive connection after a response, must complete a request's headers within
+    `header_timeout_s`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout_s, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            self._deadline = None
+            busy = self.cycle is not None and not self.cycle.response_complete
+            if not busy and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.cycle is not None and not self.cycle.response_complete:  # headers complete: a request runs
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
 
 
 def serve(engine, settings: ServerSettings, log_level: str = "info") -> None:
@@ -549,6 +603,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; default none)")
     p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection has to send a request's headers, after it opens or after a response")
+    p.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds between requests on one connection")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at once; more get 503 (keep it under the open-file limit)")
     p.add_argument("--no-profile", action="store_true", help="skip the start-up cost profile")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_engine_flags(p)
@@ -566,6 +625,8 @@ def cmd_serve(args) -> int:
             raise ValueError(f"{name}: {v} is out of range")
     if not (0 < args.request_timeout <= 86400) or not (0 <= args.drain_timeout <= 3600):
         raise ValueError("--request-timeout must be in (0, 86400] and --drain-timeout in [0, 3600] seconds")
+    if not (0 < args.header_timeout <= 3600) or not (0 < args.keep_alive <= 3600) or args.max_connections < 1:
+        raise ValueError("--header-timeout and --keep-alive must be in (0, 3600] seconds and --max-connections >= 1")
     kw = dict(mode=args.scheduler, on_miss=args.on_miss, degrade_alpha=args.degrade_alpha, max_batch=args.max_batch,
               token_budget=args.token_budget)
     sched = SchedulerConfig.load(args.slo_config, **kw) if args.slo_config else SchedulerConfig(**kw).validate()
@@ -573,7 +634,8 @@ def cmd_serve(args) -> int:
                               or None, model_name=args.model_name, max_queue=args.max_queue,
                               request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                               cors_origins=args.cors_origin, drain_timeout_s=args.drain_timeout,
-                              profile=not args.no_profile, scheduler=sched)
+                              header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
+                              max_connections=args.max_connections, profile=not args.no_profile, scheduler=sched)
     engine = Engine(args.model, engine_config(args), progress=False)
     if sched.on_miss == "degrade" and engine.manager.substitute is None:
         log.warning("--on-miss degrade: this engine has no substitution hook; degraded requests run exact")

@@ -257,3 +257,62 @@ def test_sigterm_drains_in_flight_and_refuses_new_work(server, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _closed_within(sock, seconds: float) -> bool:
+    """True when the server closes `sock` (recv returns b'') within `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        while True:
+            data = sock.recv(4096)
+            if not data:
+                return True
+    except socket.timeout:
+        return False
+    except OSError:  # reset by the server: closed too
+        return True
+
+
+def _read_response(sock) -> bytes:
+    """One whole HTTP/1.1 response with a Content-Length body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = next(int(v) for k, v in (line.split(b":", 1) for line in head.split(b"\r\n")[1:])
+                  if k.strip().lower() == b"content-length")
+    while len(body) < length:
+        body += sock.recv(4096)
+    return head + b"\r\n\r\n" + body
+
+
+def test_idle_and_slow_header_connections_are_closed_after_the_header_timeout(tiny):
+    path = tiny("qwen2_moe", tokenizer=True)
+    eng = moelite.load(path, expert_budget="50%")
+    settings = ServerSettings(port=_free_port(), model_name="tiny", header_timeout_s=1.0, keep_alive_s=1.0,
+                              max_connections=64, profile=False)
+    srv = _uvicorn_server(create_app(eng, settings), settings, log_level="warning")
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    t0 = time.time()
+    while not srv.started and time.time() - t0 < 60:
+        time.sleep(0.02)
+    try:
+        idle = socket.create_connection(("127.0.0.1", settings.port))  # connects, sends nothing
+        slow = socket.create_connection(("127.0.0.1", settings.port))  # trickles a header that never ends
+        slow.sendall(b"GET /health HTTP/1.1\r\n")
+        for _ in range(3):
+            time.sleep(0.3)
+            slow.sendall(b"X-Slow: 1\r\n")
+        assert _closed_within(idle, 3.0) and _closed_within(slow, 3.0)
+        # a connection that sends its request in time is served, and may send another after its response
+        with socket.create_connection(("127.0.0.1", settings.port)) as ok:
+            ok.settimeout(10)
+            for _ in range(2):
+                ok.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert _read_response(ok).startswith(b"HTTP/1.1 200")
+                time.sleep(0.3)
+            assert _closed_within(ok, 4.0)  # then idle: closed too
+    finally:
+        srv.should_exit = True
+        th.join(20)
