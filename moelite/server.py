@@ -301,16 +301,24 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     async def metrics():
         return Response(generate_latest(st.registry), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # validation and tokenization run on a worker thread: a large body must not stall the event loop (/health,
+    # streams of other requests)
+    def prepare_completion(body: bytes):
+        req = parse(CompletionRequest, body)
+        return req, _completion_prompts(st, req)
+
+    def prepare_chat(body: bytes):
+        req = parse(ChatRequest, body)
+        return req, _chat_prompt(st, req)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse(CompletionRequest, await _read_body(request, settings.max_body_bytes))
-        prompts = _completion_prompts(st, req)
+        req, prompts = await asyncio.to_thread(prepare_completion, await _read_body(request, settings.max_body_bytes))
         return await _serve(st, request, req, prompts, req.max_tokens, chat=False, extra_stop=[])
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req = parse(ChatRequest, await _read_body(request, settings.max_body_bytes))
-        ids, plain = _chat_prompt(st, req)
+        req, (ids, plain) = await asyncio.to_thread(prepare_chat, await _read_body(request, settings.max_body_bytes))
         max_tokens = req.max_completion_tokens or req.max_tokens
         return await _serve(st, request, req, [ids], max_tokens, chat=True, extra_stop=[PLAIN_STOP] if plain else [])
 
@@ -575,7 +583,31 @@ def _guarded_h11(header_timeout_s: float):
     return GuardedH11Protocol
 
 
+class OncePerInterval(logging.Filter):
+    """Passes the first record of a kind per `interval` seconds and counts the rest, so that a storm of accept
+    errors (the open-file limit reached) is a line every few seconds, not hundreds of thousands."""
+
+    def __init__(self, interval: float = 10.0, match: str = "accept"):
+        super().__init__()
+        self.interval, self.match = interval, match
+        self.last = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.match not in record.getMessage():
+            return True
+        now = time.monotonic()
+        if now - self.last < self.interval:
+            self.suppressed += 1
+            return False
+        if self.suppressed:
+            record.msg = f"{record.msg} ({self.suppressed} more like it in the last {self.interval:.0f} s)"
+        self.last, self.suppressed = now, 0
+        return True
+
+
 def serve(engine, settings: ServerSettings, log_level: str = "info") -> None:
+    logging.getLogger("asyncio").addFilter(OncePerInterval())  # asyncio logs each failed accept()
     if not is_loopback(settings.host):
         log.warning("binding %s: the server is reachable from other machines%s", settings.host,
                     "" if settings.api_key else " and has no API key (set --api-key or MOELITE_API_KEY)")

@@ -316,3 +316,40 @@ def test_idle_and_slow_header_connections_are_closed_after_the_header_timeout(ti
     finally:
         srv.should_exit = True
         th.join(20)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
+    import asyncio
+
+    tok = server["engine"].tokenizer
+    seen = []
+    real = tok.encode
+
+    def encode(*a, **kw):
+        try:
+            asyncio.get_running_loop()
+            seen.append("event loop")
+        except RuntimeError:  # no running loop: a worker thread
+            seen.append("worker")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    with _http(server) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hello " * 50, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert seen and set(seen) == {"worker"}
+
+
+def test_accept_error_storm_is_logged_once_per_interval():
+    import logging
+
+    from moelite.server import OncePerInterval
+
+    f = OncePerInterval(interval=60.0)
+    rec = lambda msg: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)  # noqa: E731
+    passed = [f.filter(rec("socket.accept() out of system resource")) for _ in range(1000)]
+    assert passed[0] and not any(passed[1:]) and f.suppressed == 999
+    assert f.filter(rec("Task exception was never retrieved"))  # other messages are untouched
+    f.last -= 61  # the next interval: one line, with the count of what was held back
+    r = rec("socket.accept() out of system resource")
+    assert f.filter(r) and "999 more like it" in r.getMessage()
