@@ -130,6 +130,7 @@ class _State:
         self.scheduler = Scheduler(settings.scheduler, max_context=engine.max_context)
         self.batcher = Batcher(engine, self.scheduler, max_queue=settings.max_queue)
         self.draining = False
+        self.cut = False  # the drain timeout passed: streams skip queued text and end with the error event
         self.inflight = 0
         self.created = int(time.time())
         self._samples: collections.deque = collections.deque(maxlen=64)
@@ -468,6 +469,8 @@ async def _sse(st: _State, endpoint, seqs, q, first, rid, created, chat, n_promp
         pending = list(first)
         while len(done) < n:
             i, ev = pending.pop(0) if pending else await q.get()
+            if st.cut and ev[0] == "text":  # the drain timeout passed: skip queued text, the error comes next
+                continue
             if ev[0] == "text":
                 yield _chunk(rid, created, model, chat, i, text=ev[1])
             elif ev[0] == "done":
@@ -512,14 +515,21 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "in
     st: _State = app.state.moelite
 
     class DrainingServer(uvicorn.Server):
-        """First SIGTERM/SIGINT: refuse new work (503), let in-flight requests finish, then exit 0."""
+        """First SIGTERM/SIGINT: refuse new work (503), let in-flight requests finish for up to the drain timeout,
+        then end what is left with an error event (503) and exit 0. A second signal exits at once with status 143,
+        without running interpreter teardown (whose thread and CUDA destructors could abort the process)."""
 
         drain_deadline: float | None = None
 
         def handle_exit(self, sig, frame):
             if self.drain_deadline is not None:  # second signal: stop now
-                self.force_exit = self.should_exit = True
-                return
+                log.warning("second signal: exiting now")
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except (OSError, ValueError):
+                        pass
+                os._exit(143)
             self.drain_deadline = time.monotonic() + settings.drain_timeout_s
             st.draining = True
             st.batcher.drain()
@@ -529,7 +539,14 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "in
                 return True
             if self.drain_deadline is None:
                 return False
-            return (st.batcher.idle() and st.inflight == 0) or time.monotonic() > self.drain_deadline
+            if st.batcher.idle() and st.inflight == 0:
+                return True
+            if time.monotonic() > self.drain_deadline:  # time is up: the rest ends with an error event, now
+                st.cut = True
+                await asyncio.to_thread(st.batcher.stop, 2.0)
+                self.config.timeout_graceful_shutdown = 2  # the cut streams close within this
+                return True
+            return False
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), access_log=False,

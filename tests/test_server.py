@@ -353,3 +353,73 @@ def test_accept_error_storm_is_logged_once_per_interval():
     f.last -= 61  # the next interval: one line, with the count of what was held back
     r = rec("socket.accept() out of system resource")
     assert f.filter(r) and "999 more like it" in r.getMessage()
+
+
+def _start_serve(server, *extra):
+    port = _free_port()
+    env = dict(os.environ, MOELITE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "moelite.cli", "serve", "--model", str(server["path"]), "--port",
+                             str(port), "--no-profile", "--num-threads", "1", "--log-level", "warning",
+                             "--expert-budget", "50%", *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    h = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        try:
+            if h.get("/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return proc, h
+
+
+def _long_stream(h, got):
+    try:
+        with h.stream("POST", "/v1/completions", json={"prompt": "hi", "max_tokens": 240, "n": 8,
+                                                       "temperature": 0, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    got["chunks"] += 1
+                    if '"error"' in line:
+                        got["error"] = json.loads(line[6:])["error"]
+                time.sleep(0.002)  # a slow reader: the request outlives the drain timeout
+    except httpx.TransportError as exc:
+        got["transport_error"] = repr(exc)
+
+
+def test_sigterm_drain_timeout_cuts_streams_with_an_error_event(server):
+    proc, h = _start_serve(server, "--drain-timeout", "2")
+    try:
+        got: dict = {"chunks": 0}
+        th = threading.Thread(target=_long_stream, args=(h, got))
+        th.start()
+        while got["chunks"] < 3 and th.is_alive():
+            time.sleep(0.01)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        took = time.time() - t0
+        th.join(10)
+        assert got.get("error", {}).get("code") == 503 or "server stopped" in got.get("error", {}).get("message", "")
+        assert took < 2 + 6  # the drain timeout plus the cut streams' close, not twice the timeout
+    finally:
+        proc.kill()
+
+
+def test_second_sigterm_exits_at_once_without_abort(server):
+    proc, h = _start_serve(server, "--drain-timeout", "60")
+    try:
+        got: dict = {"chunks": 0}
+        th = threading.Thread(target=_long_stream, args=(h, got))
+        th.start()
+        while got["chunks"] < 3 and th.is_alive():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 143  # not -6 (SIGABRT)
+        assert time.time() - t0 < 5
+        th.join(10)
+    finally:
+        proc.kill()
