@@ -387,16 +387,22 @@ def _long_stream(h, got):
         got["transport_error"] = repr(exc)
 
 
+def _streaming_then_sigterm(server, drain_timeout: str):
+    """A live server with a long streamed request in flight, sent one SIGTERM: (process, stream result, thread)."""
+    proc, h = _start_serve(server, "--drain-timeout", drain_timeout)
+    got: dict = {"chunks": 0}
+    th = threading.Thread(target=_long_stream, args=(h, got))
+    th.start()
+    while got["chunks"] < 3 and th.is_alive():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    return proc, got, th
+
+
 def test_sigterm_drain_timeout_cuts_streams_with_an_error_event(server):
-    proc, h = _start_serve(server, "--drain-timeout", "2")
+    proc, got, th = _streaming_then_sigterm(server, "2")
+    t0 = time.time()  # the signal was just sent
     try:
-        got: dict = {"chunks": 0}
-        th = threading.Thread(target=_long_stream, args=(h, got))
-        th.start()
-        while got["chunks"] < 3 and th.is_alive():
-            time.sleep(0.01)
-        t0 = time.time()
-        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         took = time.time() - t0
         th.join(10)
@@ -407,14 +413,8 @@ def test_sigterm_drain_timeout_cuts_streams_with_an_error_event(server):
 
 
 def test_second_sigterm_exits_at_once_without_abort(server):
-    proc, h = _start_serve(server, "--drain-timeout", "60")
+    proc, got, th = _streaming_then_sigterm(server, "60")
     try:
-        got: dict = {"chunks": 0}
-        th = threading.Thread(target=_long_stream, args=(h, got))
-        th.start()
-        while got["chunks"] < 3 and th.is_alive():
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)
