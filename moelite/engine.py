@@ -86,6 +86,9 @@ class Engine:
             torch.set_num_threads(threads)
         self.num_experts = adapter.num_experts(self.hf_config)
         self.top_k = adapter.top_k(self.hf_config)
+        if not 1 <= self.top_k <= self.num_experts:
+            raise CheckpointError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and the "
+                                  f"number of routed experts ({self.num_experts}); fix the checkpoint's config")
         self.layout = layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
 
         self.dtype = torch.float32 if self.device.type == "cpu" or not layout.disk_dtype.is_floating_point \
@@ -216,6 +219,13 @@ class Engine:
         files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
         if not any((self.path / f).is_file() for f in files):
             return None
+        root = self.path.resolve()
+        for f in self.path.iterdir():  # the tokenizer's files, like the shards, must stay inside the model folder
+            if f.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")):
+                target = f.resolve()
+                if target != root and root not in target.parents:
+                    raise CheckpointError(f"{f.name}: a symlink pointing outside the model folder "
+                                          f"{self.path.name!r}; copy the file into the folder instead")
         return AutoTokenizer.from_pretrained(str(self.path), trust_remote_code=False)
 
     def _eos_ids(self) -> set[int]:

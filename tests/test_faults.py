@@ -62,3 +62,32 @@ def test_transient_read_error_is_retried_once(tiny, monkeypatch, one_thread):
     monkeypatch.setattr(expert_store, "_preadv_all", flaky)
     assert eng.generate([5, 9, 14, 20], max_tokens=8, temperature=0).token_ids == want
     assert calls["n"] > 0 and calls["n"] % 2 == 0 and eng.stats()["expert_misses"] > 0
+
+
+def test_top_k_above_the_expert_count_is_refused_at_load(tiny, tmp_path):
+    import json
+
+    path = tmp_path / "model"
+    shutil.copytree(tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_experts_per_tok"] = 17
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(moelite.checkpoint.CheckpointError, match=r"num_experts_per_tok = 17 .* \(16\)"):
+        moelite.load(path)
+
+
+def test_tokenizer_symlink_leaving_the_folder_is_refused(tiny, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(tiny("qwen2_moe", tokenizer=True), path)
+    outside = tmp_path / "elsewhere.json"
+    shutil.move(path / "tokenizer.json", outside)
+    (path / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(moelite.checkpoint.CheckpointError, match="tokenizer.json: a symlink pointing outside"):
+        moelite.load(path)
+    (path / "tokenizer.json").unlink()
+    shutil.move(outside, path / "tokenizer.json")
+    inside = path / "tok-copy.json"  # a symlink that stays inside the folder is fine
+    shutil.copy(path / "tokenizer.json", inside)
+    (path / "tokenizer.json").unlink()
+    (path / "tokenizer.json").symlink_to(inside)
+    assert moelite.load(path).tokenizer is not None
