@@ -207,6 +207,9 @@ class ExpertReader:
         self.bytes_read = 0
         self.io_seconds = 0.0
         self.reads = 0
+        #: experts whose last read failed -> the failure's message; an expert leaves it once it reads (/health)
+        self.failing: dict[Key, str] = {}
+        self.read_errors = 0
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -246,10 +249,14 @@ class ExpertReader:
                     _preadv_all(fd, views, offset)
             except OSError as exc:
                 names = ", ".join(p.name for p in self.layout.experts[key].parts)
-                raise ExpertReadError(
+                err = ExpertReadError(
                     f"expert {key[1]} of layer {key[0]}: reading {nbytes} bytes of {names} from {path.name!r} at "
                     f"offset {offset} failed twice ({exc}); the file is truncated, damaged or unreadable: restore "
-                    "it (the engine recovers once it reads correctly)") from exc
+                    "it (the engine recovers once it reads correctly)")
+                with self._lock:
+                    self.failing[key] = str(err)
+                    self.read_errors += 1
+                raise err from exc
             if self.drop_page_cache:
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
             pos += nbytes
@@ -258,6 +265,13 @@ class ExpertReader:
             self.bytes_read += pos
             self.io_seconds += dt
             self.reads += 1
+            self.failing.pop(key, None)
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failure among experts that have not read correctly since; None when all read."""
+        with self._lock:
+            return next(reversed(self.failing.values()), None)
 
     def read_into(self, key: Key, slot: int) -> torch.cuda.Event | None:
         """Fill `slot` with expert `key`. On CUDA returns an event the compute stream must wait on."""

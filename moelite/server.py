@@ -289,9 +289,13 @@ def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        body = {"status": "draining" if st.draining else "ok", "model": st.model_id,
+        failing = engine.reader.last_error  # expert reads failing now (cleared by the next successful read)
+        status = "draining" if st.draining else "degraded" if failing else "ok"
+        body = {"status": status, "model": st.model_id,
                 "queue_depth": st.batcher.queue_depth(), "running": len(st.batcher.running)}
-        return JSONResponse(body, status_code=503 if st.draining else 200)
+        if failing:
+            body["reason"] = failing
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")
     async def models():

@@ -33,6 +33,7 @@ def test_failed_read_fails_the_request_and_the_engine_recovers(tiny, tmp_path, o
                          max_tokens=8, temperature=0)
     m = eng.manager
     assert m.cache.pins == {} and m.inflight == {}  # nothing left pinned or queued
+    assert eng.reader.last_error and "expert" in eng.reader.last_error and str(tmp_path) not in eng.reader.last_error
     for s in shards:
         s.write_bytes(good[s])
     fresh = moelite.load(path, expert_budget="25%", io_threads=io_threads)
@@ -43,6 +44,9 @@ def test_failed_read_fails_the_request_and_the_engine_recovers(tiny, tmp_path, o
             fresh.generate(ids, max_tokens=8, temperature=0).token_ids
     s = eng.stats()
     assert s["resident_expert_bytes_peak"] <= s["expert_budget_bytes"]
+    for key in list(eng.reader.failing):  # each failed expert, read again now that the file is good
+        eng.reader.read_bytes(key, eng.reader.staging())
+    assert eng.reader.last_error is None  # (/health is ok again)
 
 
 def test_transient_read_error_is_retried_once(tiny, monkeypatch, one_thread):

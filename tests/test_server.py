@@ -423,3 +423,17 @@ def test_second_sigterm_exits_at_once_without_abort(server):
         th.join(10)
     finally:
         proc.kill()
+
+
+def test_health_is_degraded_while_expert_reads_fail(server):
+    reader = server["engine"].reader
+    with _http(server, key=None) as c:
+        assert c.get("/health").json()["status"] == "ok"
+        reader.failing[(1, 3)] = "expert 3 of layer 1: reading ... from 'model.safetensors' at offset 42 failed twice"
+        try:
+            r = c.get("/health")
+            assert r.status_code == 503 and r.json()["status"] == "degraded"
+            assert "model.safetensors" in r.json()["reason"]
+        finally:
+            reader.failing.clear()
+        assert c.get("/health").status_code == 200
