@@ -90,11 +90,15 @@ def read_safetensors_header(file: Path, display: str | None = None) -> dict[str,
             continue
         try:
             dtype = SAFETENSORS_DTYPES[meta["dtype"]]
-            shape = tuple(int(s) for s in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
+            shape, offsets = list(meta["shape"]), list(meta["data_offsets"])
+            if len(offsets) != 2 or not all(type(v) is int for v in shape + offsets):  # 2.0 or True is no size
+                raise ValueError("shape and data_offsets must be integers")
+            shape = tuple(shape)
+            begin, end = offsets
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{display}: corrupt safetensors header entry for tensor {name!r} "
-                                  f"(needs dtype in {sorted(SAFETENSORS_DTYPES)}, shape, data_offsets)") from exc
+                                  f"(needs dtype in {sorted(SAFETENSORS_DTYPES)}, an integer shape and two integer "
+                                  "data_offsets)") from exc
         numel = 1
         for s in shape:
             if s < 0:
@@ -108,6 +112,11 @@ def read_safetensors_header(file: Path, display: str | None = None) -> dict[str,
             raise CheckpointError(f"{display}: truncated safetensors file: tensor {name!r} ends at byte "
                                   f"{data_start + end} but the file has {size}; re-download the checkpoint")
         out[name] = TensorInfo(name, file, data_start + begin, end - begin, dtype, shape)
+    spans = sorted((t.offset, t.offset + t.nbytes, n) for n, t in out.items() if t.nbytes)
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:  # two tensors sharing bytes: a corrupt or crafted header
+            raise CheckpointError(f"{display}: corrupt safetensors header: tensors {prev!r} and {name!r} overlap "
+                                  "in the file; re-download or re-save the checkpoint")
     return out
 
 
