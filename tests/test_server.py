@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, through a real uvicorn on 127.0.0.1: the official openai client, the malformed-input
 matrix, API key, metrics, client disconnect, SLO refusal, SIGTERM drain."""
 
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +38,15 @@ def server(tiny):
     settings = ServerSettings(port=_free_port(), api_key=KEY, model_name="tiny", max_body_bytes=1 << 20,
                               scheduler=SchedulerConfig(mode="slo", max_batch=8))
     app = create_app(eng, settings)
+    with _running(app, settings):
+        base = f"http://127.0.0.1:{settings.port}"
+        yield {"base": base, "state": app.state.moelite, "engine": eng, "path": path}
+    torch.set_num_threads(prev)
+
+
+@contextlib.contextmanager
+def _running(app, settings):
+    """`app` served by a real uvicorn on a thread of this process, for the duration of the block."""
     srv = _uvicorn_server(app, settings, log_level="warning")
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -44,11 +54,30 @@ def server(tiny):
     while not srv.started and time.time() - t0 < 60:
         time.sleep(0.02)
     assert srv.started
-    base = f"http://127.0.0.1:{settings.port}"
-    yield {"base": base, "state": app.state.moelite, "engine": eng, "path": path}
-    srv.should_exit = True
-    th.join(20)
-    torch.set_num_threads(prev)
+    try:
+        yield srv
+    finally:
+        srv.should_exit = True
+        th.join(20)
+
+
+def _start_serve(server, *extra, stderr=subprocess.DEVNULL):
+    """`moelite serve` on the tiny model in a child process, once its /health answers: (process, client)."""
+    port = _free_port()
+    env = dict(os.environ, MOELITE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "moelite.cli", "serve", "--model", str(server["path"]), "--port",
+                             str(port), "--no-profile", "--num-threads", "1", "--log-level", "warning",
+                             "--expert-budget", "50%", *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True)
+    h = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        try:
+            if h.get("/health").status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return proc, h
 
 
 def _http(server, key=KEY):
@@ -209,22 +238,8 @@ def test_client_disconnect_cancels_the_request(server):
 
 
 def test_sigterm_drains_in_flight_and_refuses_new_work(server, tmp_path):
-    port = _free_port()
-    env = dict(os.environ, MOELITE_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "moelite.cli", "serve", "--model", str(server["path"]), "--port",
-                             str(port), "--no-profile", "--num-threads", "1", "--log-level", "warning",
-                             "--expert-budget", "50%"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, h = _start_serve(server, stderr=subprocess.PIPE)
     try:
-        h = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        t0 = time.time()
-        while time.time() - t0 < 90:
-            try:
-                if h.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         got: dict = {"chunks": 0, "done": False, "finish": []}
 
         def stream():
@@ -291,13 +306,7 @@ def test_idle_and_slow_header_connections_are_closed_after_the_header_timeout(ti
     eng = moelite.load(path, expert_budget="50%")
     settings = ServerSettings(port=_free_port(), model_name="tiny", header_timeout_s=1.0, keep_alive_s=1.0,
                               max_connections=64, profile=False)
-    srv = _uvicorn_server(create_app(eng, settings), settings, log_level="warning")
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    t0 = time.time()
-    while not srv.started and time.time() - t0 < 60:
-        time.sleep(0.02)
-    try:
+    with _running(create_app(eng, settings), settings):
         idle = socket.create_connection(("127.0.0.1", settings.port))  # connects, sends nothing
         slow = socket.create_connection(("127.0.0.1", settings.port))  # trickles a header that never ends
         slow.sendall(b"GET /health HTTP/1.1\r\n")
@@ -313,9 +322,6 @@ def test_idle_and_slow_header_connections_are_closed_after_the_header_timeout(ti
                 assert _read_response(ok).startswith(b"HTTP/1.1 200")
                 time.sleep(0.3)
             assert _closed_within(ok, 4.0)  # then idle: closed too
-    finally:
-        srv.should_exit = True
-        th.join(20)
 
 
 def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
@@ -353,24 +359,6 @@ def test_accept_error_storm_is_logged_once_per_interval():
     f.last -= 61  # the next interval: one line, with the count of what was held back
     r = rec("socket.accept() out of system resource")
     assert f.filter(r) and "999 more like it" in r.getMessage()
-
-
-def _start_serve(server, *extra):
-    port = _free_port()
-    env = dict(os.environ, MOELITE_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "moelite.cli", "serve", "--model", str(server["path"]), "--port",
-                             str(port), "--no-profile", "--num-threads", "1", "--log-level", "warning",
-                             "--expert-budget", "50%", *extra], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    h = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-    t0 = time.time()
-    while time.time() - t0 < 90:
-        try:
-            if h.get("/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    return proc, h
 
 
 def _long_stream(h, got):
