@@ -209,22 +209,12 @@ class CudaExperts:
         n_tok, k = idx_h.shape
         stats.tokens += n_tok
         experts = list(dict.fromkeys(idx_h.reshape(-1).tolist()))
-        sub_only: set[int] = set()
-        if substituted is not None:
-            sub_h = substituted.to("cpu")
-            n_sub = int(sub_h.sum())
-            if n_sub:
-                m.substitutions += n_sub
-                stats.substitutions += n_sub
-                sub_only = set(idx_h[sub_h].tolist()) - set(idx_h[~sub_h].tolist())
+        sub_only = m.count_substitutions(stats, idx_h, None if substituted is None else substituted.to("cpu"))
         resident: dict[int, int] = {}
         missing: list[int] = []
         for e in experts:
             key = (layer, e)
-            if key in m.prefetched_unused:
-                m.prefetched_unused.discard(key)
-                m.prefetch_used += 1
-                stats.prefetch_hits += 1
+            m.note_prefetch_use(key, stats)
             slot = cache.lookup(key, count=False)
             if slot is not None:
                 cache.pin(slot)
@@ -370,12 +360,7 @@ class CudaExperts:
             st = m.layer_stats.setdefault(layer, LayerStats())
             st.tokens += idx.shape[1]
             sel = idx[r]
-            sub_only: set[int] = set()
-            if substituted is not None and bool(substituted[r].any()):
-                n_sub = int(substituted[r].sum())
-                m.substitutions += n_sub
-                st.substitutions += n_sub
-                sub_only = set(sel[substituted[r]].tolist()) - set(sel[~substituted[r]].tolist())
+            sub_only = m.count_substitutions(st, sel, None if substituted is None else substituted[r])
             misses = []
             for e in dict.fromkeys(sel.reshape(-1).tolist()):  # noqa: B007
                 key = (layer, e)

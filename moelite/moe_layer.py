@@ -350,22 +350,11 @@ class ExpertManager:
             y = self.expert_forward(gate_up, down, hx[htok[s:t]]) * hw[s:t, None]  # [n, H] on the CPU
             out.index_add_(0, tok[s:t], y.to(out.device, out.dtype))
 
-        # experts present only as substitutes: resident (or in flight for the batch) by construction, so their lookups
-        # are substitutions, not hits
-        sub_only: set[int] = set()
-        if substituted is not None:
-            n_sub = int(substituted.sum())
-            if n_sub:
-                self.substitutions += n_sub
-                stats.substitutions += n_sub
-                sub_only = set(idx[substituted].tolist()) - set(idx[~substituted].tolist())
+        sub_only = self.count_substitutions(stats, idx, substituted)
         resident, waiting, missing = [], [], []
         for e in groups:
             key = (layer, e)
-            if key in self.prefetched_unused:
-                self.prefetched_unused.discard(key)
-                self.prefetch_used += 1
-                stats.prefetch_hits += 1
+            self.note_prefetch_use(key, stats)
             slot = self.cache.lookup(key, count=False)
             if slot is not None:
                 self.cache.pin(slot)  # shield: not evictable until computed
@@ -432,6 +421,26 @@ class ExpertManager:
         self.loaded_misses += len(to_load)
         self.direct_misses += len(direct)
         return out
+
+    def count_substitutions(self, stats: LayerStats, idx: torch.Tensor, substituted: torch.Tensor | None) -> set[int]:
+        """Count a layer's substituted evaluations (idx [N, k], substituted [N, k] bool or None, same device).
+        Returns the experts present only as substitutes: resident by construction, so their lookups are
+        substitutions, not hits."""
+        if substituted is None:
+            return set()
+        n_sub = int(substituted.sum())
+        if not n_sub:
+            return set()
+        self.substitutions += n_sub
+        stats.substitutions += n_sub
+        return set(idx[substituted].tolist()) - set(idx[~substituted].tolist())
+
+    def note_prefetch_use(self, key: Key, stats: LayerStats) -> None:
+        """A layer asked for `key`: if a prefetch brought it, that prefetch was used."""
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            self.prefetch_used += 1
+            stats.prefetch_hits += 1
 
     def _split_misses(self, layer: int, missing: list[int], probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
         if not missing or self.miss_policy == "load":
