@@ -354,39 +354,42 @@ class Engine:
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         dec = self._decoder(1, len(prompt_ids) + params.max_tokens) if self.manager.cuda is not None else None
         if dec is not None and not dec.sliding:  # CUDA: static KV cache, decode steps as CUDA graphs
-            t0 = time.perf_counter()
-            logits = dec.prefill([prompt_ids])
-            try:
-                for step in range(params.max_tokens):
-                    tok = sample(logits[0], params, gen)
-                    if step == 0:
-                        stats["ttft_s"] = time.perf_counter() - t0
-                        t_dec = time.perf_counter()
-                    stats["completion_tokens"] = step + 1
-                    stats["decode_s"] = time.perf_counter() - t_dec
-                    yield tok
-                    if step + 1 < params.max_tokens:
-                        logits = dec.step([tok])
-            finally:
-                dec.flush()  # the last step's bookkeeping, before the request's counters are read
-            return
-        cache = DynamicCache(config=self.hf_config)
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
-        t0 = time.perf_counter()
-        for step in range(params.max_tokens):
-            if step == 0:  # the prompt, whatever its length, is prefill
-                with self.manager.prefilling():
-                    out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            else:
+            def first() -> torch.Tensor:
+                return dec.prefill([prompt_ids])[0]
+
+            def after(tok: int) -> torch.Tensor:
+                return dec.step([tok])[0]
+        else:
+            dec = None
+            cache = DynamicCache(config=self.hf_config)
+
+            def forward(ids: list[list[int]]) -> torch.Tensor:
+                ids = torch.tensor(ids, dtype=torch.long, device=self.device)
                 out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            tok = sample(out.logits[0, -1].float().cpu(), params, gen)
-            if step == 0:
-                stats["ttft_s"] = time.perf_counter() - t0
-                t_dec = time.perf_counter()
-            stats["completion_tokens"] = step + 1
-            stats["decode_s"] = time.perf_counter() - t_dec
-            yield tok
-            ids = torch.tensor([[tok]], dtype=torch.long, device=self.device)
+                return out.logits[0, -1].float().cpu()
+
+            def first() -> torch.Tensor:
+                with self.manager.prefilling():  # the prompt, whatever its length, is prefill
+                    return forward([prompt_ids])
+
+            def after(tok: int) -> torch.Tensor:
+                return forward([[tok]])
+        t0 = time.perf_counter()
+        logits = first()
+        try:
+            for step in range(params.max_tokens):
+                tok = sample(logits, params, gen)
+                if step == 0:
+                    stats["ttft_s"] = time.perf_counter() - t0
+                    t_dec = time.perf_counter()
+                stats["completion_tokens"] = step + 1
+                stats["decode_s"] = time.perf_counter() - t_dec
+                yield tok
+                if step + 1 < params.max_tokens:
+                    logits = after(tok)
+        finally:
+            if dec is not None:
+                dec.flush()  # the last step's bookkeeping, before the request's counters are read
 
     def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                top_k: int = 0, stop=(), seed: int | None = None, substitution_alpha: float | None = None,
