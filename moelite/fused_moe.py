@@ -84,6 +84,24 @@ if triton is not None:
         return tl.where(code >= 0, code * slot_stride, hoff)
 
     @triton.jit
+    def _block_pairs(rows_ptr, order_ptr, b, BLOCK_M: tl.constexpr):
+        """Block b's sorted positions (-1 = empty), their mask, the positions clamped to 0, and their pair ids."""
+        rows = tl.load(rows_ptr + b * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = rows >= 0
+        safe = tl.where(valid, rows, 0)
+        pair = tl.load(order_ptr + safe, mask=valid, other=0)
+        return rows, valid, safe, pair
+
+    @triton.jit
+    def _dot(a, w, IEEE: tl.constexpr):
+        """a @ w accumulated in fp32; IEEE: full fp32 products (fp32 weights), not TF32."""
+        if IEEE:
+            out = tl.dot(a, w, input_precision="ieee")
+        else:
+            out = tl.dot(a, w)
+        return out
+
+    @triton.jit
     def _gate_up_kernel(x_ptr, w_ptr, host_off_ptr, h_ptr, order_ptr, rows_ptr, code_ptr,
                         stride_xn, slot_stride, stride_hp,
                         k: tl.constexpr, H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -93,10 +111,7 @@ if triton is not None:
         code = tl.load(code_ptr + b)
         if code == 4611686018427387904:  # SKIP
             return
-        rm = tl.arange(0, BLOCK_M)
-        rows = tl.load(rows_ptr + b * BLOCK_M + rm)  # sorted positions
-        valid = rows >= 0
-        pair = tl.load(order_ptr + tl.where(valid, rows, 0), mask=valid, other=0)
+        rows, valid, safe, pair = _block_pairs(rows_ptr, order_ptr, b, BLOCK_M)
         tok = pair // k
         rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = rn < I
@@ -114,12 +129,8 @@ if triton is not None:
             wu = tl.load(wbase + (rn[None, :] + I) * H + kk[:, None], mask=nmask[None, :] & kmask[:, None],
                          other=0.0)
             xt = xt.to(wg.dtype)
-            if IEEE:
-                acc_g += tl.dot(xt, wg, input_precision="ieee")
-                acc_u += tl.dot(xt, wu, input_precision="ieee")
-            else:
-                acc_g += tl.dot(xt, wg)
-                acc_u += tl.dot(xt, wu)
+            acc_g += _dot(xt, wg, IEEE)
+            acc_u += _dot(xt, wu, IEEE)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # SiLU(g) * u, fp32
         tl.store(h_ptr + rows[:, None] * stride_hp + rn[None, :], h, mask=valid[:, None] & nmask[None, :])
 
@@ -133,11 +144,7 @@ if triton is not None:
         code = tl.load(code_ptr + b)
         if code == 4611686018427387904:  # SKIP
             return
-        rm = tl.arange(0, BLOCK_M)
-        rows = tl.load(rows_ptr + b * BLOCK_M + rm)
-        valid = rows >= 0
-        safe = tl.where(valid, rows, 0)
-        pair = tl.load(order_ptr + safe, mask=valid, other=0)
+        rows, valid, safe, pair = _block_pairs(rows_ptr, order_ptr, b, BLOCK_M)
         rn = j * BLOCK_N + tl.arange(0, BLOCK_N)  # output (hidden) rows
         nmask = rn < H
         rk = tl.arange(0, BLOCK_K)
@@ -151,10 +158,7 @@ if triton is not None:
             wd = tl.load(wbase + rn[None, :] * I + kk[:, None], mask=nmask[None, :] & kmask[:, None],
                          other=0.0)  # [BLOCK_K, BLOCK_N]
             ht = ht.to(wd.dtype)
-            if IEEE:
-                acc += tl.dot(ht, wd, input_precision="ieee")
-            else:
-                acc += tl.dot(ht, wd)
+            acc += _dot(ht, wd, IEEE)
         wt = tl.load(wt_ptr + pair, mask=valid, other=0.0)
         acc = acc * wt[:, None]
         tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=valid[:, None] & nmask[None, :])
