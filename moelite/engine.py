@@ -542,6 +542,7 @@ class Engine:
             "misses_loaded": m.loaded_misses,
             "misses_direct": m.direct_misses,
             "expert_bytes_read": r.bytes_read,
+            "expert_read_errors": r.read_errors,
             "io_seconds": r.io_seconds,
             "stall_seconds": m.stall_seconds,
             "expert_compute_seconds": m.compute_seconds,

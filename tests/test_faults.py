@@ -33,6 +33,7 @@ def test_failed_read_fails_the_request_and_the_engine_recovers(tiny, tmp_path, o
                          max_tokens=8, temperature=0)
     m = eng.manager
     assert m.cache.pins == {} and m.inflight == {}  # nothing left pinned or queued
+    assert eng.stats()["expert_read_errors"] >= 1
     assert eng.reader.last_error and "expert" in eng.reader.last_error and str(tmp_path) not in eng.reader.last_error
     for s in shards:
         s.write_bytes(good[s])
