@@ -267,7 +267,7 @@ class CudaExperts:
         m.loaded_misses += len(loaded)
         m.direct_misses += len(direct)
         if is_decode and m.prefetch:
-            self.prefetch_next(layer, x)
+            m.prefetch_next(layer, x)
         return out
 
     def _cpu_experts(self, layer, host_x, idx_h, w, direct, out, stats):
@@ -293,29 +293,6 @@ class CudaExperts:
             self.cpu_computed += 1
         y = acc.to(self.device).to(out.dtype if out is not None else host_x.dtype)
         return y if out is None else out + y
-
-    # ---- prefetch (eager decode) -------------------------------------------------------------------------------
-    def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
-        m = self.m
-        nxt = m.next_layer.get(layer)
-        if nxt is None:
-            return
-        if m.replay is not None:
-            pred = m.replay.predicted(layer, nxt)
-            if pred is None:
-                return
-        else:
-            block = m.blocks[nxt]
-            pred = block.adapter.route(block.block, x, block.top_k).idx
-        n = m.prefetch_experts or max(1, pred.shape[1] // 2)
-        for e in pred[:, :n].reshape(-1).unique().tolist():
-            key = (nxt, e)
-            if m.cache.resident(key):
-                continue
-            if self.load(key) is None:
-                break
-            m.prefetch_issued += 1
-            m.prefetched_unused.add(key)
 
     # ---- the capture-safe layer --------------------------------------------------------------------------------
     def graph_forward(self, layer: int, x: torch.Tensor, routing, buffers, block, adapter) -> torch.Tensor:

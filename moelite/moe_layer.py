@@ -276,7 +276,9 @@ class ExpertManager:
             key = (nxt, e)
             if self.cache.resident(key) or key in self.inflight:
                 continue
-            if not self._submit(key, is_prefetch=True):
+            # on CUDA with a host tier the read is a copy from pinned RAM, issued at once
+            started = self._submit(key, is_prefetch=True) if self.cuda is None else self.cuda.load(key) is not None
+            if not started:
                 break
             self.prefetch_issued += 1
             self.prefetched_unused.add(key)
