@@ -33,11 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moelite.bench import hardware  # noqa: E402
+from moelite.eval.bench import hardware  # noqa: E402
 from moelite.config import EngineConfig  # noqa: E402
 from moelite.engine import Engine  # noqa: E402
-from moelite.evaluate import measure_decode, measure_interleaved  # noqa: E402
-from moelite.tuner import calibration_prompts  # noqa: E402
+from moelite.eval.evaluate import measure_decode, measure_interleaved  # noqa: E402
+from moelite.eval.tune import calibration_prompts  # noqa: E402
 
 FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
 HAS_PREFETCH = "prefetch" in FIELDS
@@ -93,7 +93,7 @@ def measure(model, base: EngineConfig, over: dict, n_prompts: int, tokens: int, 
     eng = Engine(model, base.replace(**over), progress=False)
     try:
         if replay:  # real-shape checkpoint: decode routing follows a trained model's recorded trace
-            from moelite.traces import Trace, TraceReplay
+            from moelite.core.traces import Trace, TraceReplay
 
             eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
         prompts = _prompts(eng, n_prompts + 1)
@@ -126,12 +126,12 @@ def run(model, base: EngineConfig, configs: list[tuple[str, dict]], rounds: int,
 
 def run_interleaved(model, base: EngineConfig, configs: list[tuple[str, dict]], rounds: int, n_prompts: int,
                     tokens: int, log, replay: str | None = None) -> dict[str, dict]:
-    """All engines alive at once, alternated prompt by prompt (`moelite.evaluate.measure_interleaved`)."""
+    """All engines alive at once, alternated prompt by prompt (`moelite.eval.evaluate.measure_interleaved`)."""
     engines, prompts = {}, None
     for label, over in configs:
         eng = Engine(model, base.replace(**over), progress=False)
         if replay:  # each engine replays the trace from its start
-            from moelite.traces import Trace, TraceReplay
+            from moelite.core.traces import Trace, TraceReplay
 
             eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
         prompts = prompts or _prompts(eng, n_prompts + 1)
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
                    help="drop file pages after each read (off: the OS page cache serves as a host-RAM tier, "
                         "the GPU setting where experts are staged from RAM)")
     p.add_argument("--substitution-mode", default="always", choices=["always", "stall"],
-                   help="which substitutable misses the router substitutes (see moelite.substitution)")
+                   help="which substitutable misses the router substitutes (see moelite.core.substitution)")
     p.add_argument("--substitution-profile", default=None,
                    help="per-layer alpha multipliers for every substitution row (a `moelite calibrate` JSON file)")
     p.add_argument("--uniform-alpha", type=float, default=None,

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moelite.evaluate import default_data_dir  # noqa: E402
+from moelite.eval.evaluate import default_data_dir  # noqa: E402
 
 
 def heldout_shakespeare(tmp: Path, data_dir: Path | None) -> tuple[Path, str]:

@@ -34,13 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import moelite  # noqa: E402
-from moelite.evaluate import decode_logprobs  # noqa: E402
-from moelite.predictor import (APredictor, GRUPredictor, Preloader, PreviousPrompt, RecentMean,  # noqa: E402
-                               TaskFrequency, compare_predictors, make_resident, requests_from_trace, table)
-from moelite.tasks import (TASKS, TaskClassifier, accuracy, corpus_prompts, corpus_text, greedy,  # noqa: E402
-                           mixed_stream, plan_preload, profile_sensitivity, reroute_to_resident, routing_override,
-                           similarity)
-from moelite.traces import Trace, record  # noqa: E402
+from moelite.eval.evaluate import decode_logprobs  # noqa: E402
+from moelite.emoe.predictors import APredictor, GRUPredictor, PreviousPrompt, RecentMean, TaskFrequency, compare_predictors, requests_from_trace  # noqa: E402
+from moelite.emoe.preloader import Preloader, make_resident  # noqa: E402
+from moelite.emoe.scoring import table  # noqa: E402
+from moelite.emoe.classifier import TASKS, TaskClassifier, accuracy  # noqa: E402
+from moelite.eval.corpus import corpus_prompts, corpus_text, mixed_stream  # noqa: E402
+from moelite.emoe.sensitivity import greedy, profile_sensitivity, reroute_to_resident, routing_override, similarity  # noqa: E402
+from moelite.emoe.load_rule import plan_preload  # noqa: E402
+from moelite.core.traces import Trace, record  # noqa: E402
 
 PARTS = ("traces", "predictors", "profile", "stream", "curve")
 

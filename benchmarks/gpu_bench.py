@@ -53,8 +53,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import moelite  # noqa: E402
-from moelite.checkpoint import Checkpoint  # noqa: E402
-from moelite.traces import Trace, TraceReplay  # noqa: E402
+from moelite.core.checkpoint import Checkpoint  # noqa: E402
+from moelite.core.traces import Trace, TraceReplay  # noqa: E402
 
 FIELDS = set(moelite.EngineConfig.__dataclass_fields__)
 TINY = dict(hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, intermediate_size=128,
@@ -147,7 +147,7 @@ def bounds(dev: torch.device) -> dict:
 
 # ---- checkpoint -------------------------------------------------------------------------------------------------
 def checkpoint(args) -> tuple[Path, dict]:
-    from moelite.realshape import PRESETS, make_realshape
+    from moelite.eval.realshape import PRESETS, make_realshape
 
     rs = Path(args.work) / (f"rs{args.layers}" + ("_tiny" if args.tiny else ""))
     over = TINY if args.tiny else {}
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "benchmarks" / "results" / "gpu"),
                    help="gpu_bench.json and gpu_bench.md go here ($OUT when set)")
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu (smoke test)")
-    p.add_argument("--preset", default="qwen3-30b-a3b-64e", help="moelite.realshape preset")
+    p.add_argument("--preset", default="qwen3-30b-a3b-64e", help="moelite.eval.realshape preset")
     p.add_argument("--layers", type=int, default=16, help="layers of the real-shape checkpoint")
     p.add_argument("--tokens", type=int, default=64, help="new tokens per generation")
     p.add_argument("--prompts", type=int, default=3, help="measured prompts per row (after one warm-up)")

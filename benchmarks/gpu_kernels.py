@@ -1,7 +1,7 @@
 """Fused expert kernels on the GPU at real expert shapes, against the measured HBM bandwidth.
 
 Candidates for one MoE layer's routed experts, reading the weights from a slot pool laid out as moelite's:
-  triton   moelite.fused_moe Triton kernels (tokens grouped by slot, weights read once per call)
+  triton   moelite.core.fused_moe Triton kernels (tokens grouped by slot, weights read once per call)
   torch    gather of the selected slots + batched matmul (the reference backend)
   loop     one F.linear pair per (expert, its tokens), as the per-expert Python path does
 Each is checked against a float64 computation first (relative error), then timed as a captured CUDA graph of
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moelite.fused_moe import fused_experts
+from moelite.core.fused_moe import fused_experts
 
 
 def hbm_copy_gbps(dev, nbytes=2 << 30, reps=10) -> float:
@@ -174,7 +174,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     # tile sizes of the Triton kernels (BLOCK_N, BLOCK_K), same calls, graph-timed
-    import moelite.fused_moe as fm
+    import moelite.core.fused_moe as fm
 
     tiles = []
     default = (fm.GATE_UP_TILE, fm.DOWN_TILE)

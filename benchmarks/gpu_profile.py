@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import moelite
-from moelite.realshape import make_realshape
+from moelite.eval.realshape import make_realshape
 
 
 def main() -> int:

@@ -178,7 +178,7 @@ def worker_moelite(spec: dict) -> None:
     import torch
 
     import moelite
-    from moelite.traces import Trace, TraceReplay
+    from moelite.core.traces import Trace, TraceReplay
 
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
@@ -282,7 +282,7 @@ class Row:
 
 def _drop_cache(paths: list[Path]) -> None:
     """Evict these files' pages (checkpoint shards, GGUF, offload folders) from the OS page cache: a cold start."""
-    from moelite.bench import drop_file_cache
+    from moelite.eval.bench import drop_file_cache
 
     for p in paths:
         if p.is_dir():
@@ -308,10 +308,10 @@ def _fadvise_dontneed(f: Path) -> None:
 
 
 class Cgroup:
-    """moelite.bench.MemoryCap plus the counters this benchmark reads (peak usage, OOM kills) and emptying."""
+    """moelite.eval.bench.MemoryCap plus the counters this benchmark reads (peak usage, OOM kills) and emptying."""
 
     def __init__(self, limit: int | None):
-        from moelite.bench import MemoryCap
+        from moelite.eval.bench import MemoryCap
 
         self.cap = MemoryCap(limit)
         self.note = self.cap.note
@@ -570,7 +570,7 @@ def ensure_trace(work: Path, demo: Path) -> tuple[Path | None, str, float]:
 # ---- plan -----------------------------------------------------------------------------------------------------------
 def _bytes_split(ckpt: Path) -> tuple[int, int]:
     """(dense bytes, routed-expert bytes) of a checkpoint as stored on disk."""
-    from moelite.checkpoint import Checkpoint
+    from moelite.core.checkpoint import Checkpoint
 
     dense = experts = 0
     for name, t in Checkpoint.open(ckpt).tensors.items():
@@ -585,7 +585,7 @@ def _prompts(ckpt: Path, n: int) -> list[tuple[str, list[int]]]:
     """n prompts spread over the built-in three-domain prompt set, tokenized once with the checkpoint's tokenizer."""
     from transformers import AutoTokenizer
 
-    from moelite.prompts import load_prompts
+    from moelite.eval.prompts import load_prompts
 
     allp = load_prompts(None)
     pick = [allp[round(i * len(allp) / n) % len(allp)] for i in range(n)]
@@ -848,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     deadline = t_start + args.budget_min * 60
-    from moelite.bench import hardware
+    from moelite.eval.bench import hardware
     from moelite.config import parse_budget
     from moelite.demo import demo_model_path
 

@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moelite.bench import hardware  # noqa: E402
+from moelite.eval.bench import hardware  # noqa: E402
 from moelite.config import EngineConfig  # noqa: E402
 from moelite.engine import Engine  # noqa: E402
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
                        prefetch=args.prefetch, substitution_alpha=args.substitution_alpha).validate()
     eng = Engine(args.model, cfg, progress=False)
     if args.replay:
-        from moelite.traces import Trace, TraceReplay
+        from moelite.core.traces import Trace, TraceReplay
 
         eng.manager.replay = TraceReplay(Trace.load(args.replay), eng.layout.layers, decode_only=True)
     eng.eos_ids = set()

@@ -5,9 +5,9 @@
     print(engine.generate("ROMEO:", max_tokens=32).text)
 """
 
-from .checkpoint import CheckpointError
-from .config import EngineConfig
-from .engine import Engine, Generation, load
+from moelite.core.checkpoint import CheckpointError
+from moelite.config import EngineConfig
+from moelite.engine import Engine, Generation, load
 
 __version__ = "0.1.0"
 __all__ = ["CheckpointError", "Engine", "EngineConfig", "Generation", "load", "__version__"]

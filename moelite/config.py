@@ -85,7 +85,7 @@ class EngineConfig:
 
     device: str = "cpu"
     # "25%" of the routed experts, bytes, "2GiB", or "auto": the memory this process may use (cgroup limit, else
-    # available RAM; free VRAM on CUDA) minus dense weights, KV cache and headroom (moelite.memory)
+    # available RAM; free VRAM on CUDA) minus dense weights, KV cache and headroom (moelite.core.memory)
     expert_budget: str | int | float = "25%"
     cache_policy: str = "lru"
     # dtype of expert slots; "auto" = float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512), checkpoint dtype on CUDA

@@ -25,19 +25,19 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, DynamicCache
 
-from .arch import adapter_for
-from .checkpoint import Checkpoint, CheckpointError
-from .config import EngineConfig, check_alpha, format_bytes, parse_device, resolve_budget, slot_dtype
-from .expert_cache import ExpertCache, make_policy
-from .expert_store import ExpertLayout, ExpertReader, SlotPool
-from .graph_decode import StaticDecoder, bucket
-from .host_tier import HostTier
-from .memory import auto_budget, available_memory
-from .loader import Loader
-from .model import build_model
-from .moe_layer import ExpertManager
-from .substitution import cache_router
-from .sampling import SamplingParams, sample
+from moelite.core.arch import adapter_for
+from moelite.core.checkpoint import Checkpoint, CheckpointError
+from moelite.config import EngineConfig, check_alpha, format_bytes, parse_device, resolve_budget, slot_dtype
+from moelite.core.expert_cache import ExpertCache, make_policy
+from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
+from moelite.core.graph_decode import StaticDecoder, bucket
+from moelite.core.host_tier import HostTier
+from moelite.core.memory import auto_budget, available_memory
+from moelite.core.loader import Loader
+from moelite.core.model import build_model
+from moelite.core.moe_layer import ExpertManager
+from moelite.core.substitution import cache_router
+from moelite.core.sampling import SamplingParams, sample
 
 
 @dataclass
@@ -64,7 +64,7 @@ class Engine:
     def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None, progress: bool = True):
         self.config = (config or EngineConfig()).validate()
         if path is None:
-            from .demo import demo_model_path
+            from moelite.demo import demo_model_path
 
             path = demo_model_path()
         self.path = Path(path)
@@ -177,13 +177,13 @@ class Engine:
         self.tokenizer = self._load_tokenizer()
         self.max_context = int(getattr(self.hf_config, "max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self.requests = 0
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _init_host_tier(self, sdtype: torch.dtype, total: int, progress: bool) -> None:
         """CUDA: routed experts in pinned host RAM under the VRAM slots, and the fused expert path over them."""
-        from .cuda_experts import CudaExperts
+        from moelite.core.cuda_experts import CudaExperts
 
         hb = self.config.host_budget
         if hb in (0, "0"):
@@ -255,7 +255,7 @@ class Engine:
         if isinstance(experts, dict):
             experts = [(layer, e) for layer, es in experts.items() for e in es]
         m, started = self.manager, 0
-        with self._lock:
+        with self.lock:
             for layer, e in experts:
                 key = (int(layer), int(e))
                 if key[0] not in m.blocks or not 0 <= key[1] < self.num_experts:
@@ -317,7 +317,7 @@ class Engine:
     def logits(self, input_ids) -> torch.Tensor:
         """A full forward: scored as prefill (substitution only with substitute_in_prefill), at the engine's alpha."""
         ids = self._check_ids(input_ids)
-        with self._lock, self._request_alpha(self.config.substitution_alpha), self.manager.prefilling():
+        with self.lock, self._request_alpha(self.config.substitution_alpha), self.manager.prefilling():
             out = self.model(input_ids=ids, use_cache=False).logits
         return out.float().cpu()
 
@@ -398,7 +398,7 @@ class Engine:
         params = self._params(max_tokens, temperature, top_p, top_k, stop, seed)
         alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
         prompt_ids = self.encode(prompt)
-        with self._lock, self._request_alpha(alpha):
+        with self.lock, self._request_alpha(alpha):
             before = _counters(self)
             stats: dict = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
             out_ids: list[int] = []
@@ -471,7 +471,7 @@ class Engine:
                              f"the model context of {self.max_context}")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         n = len(ids)
-        with self._lock, self._request_alpha(alpha):
+        with self.lock, self._request_alpha(alpha):
             before = _counters(self)
             dec = self._decoder(n, longest + max_tokens)
             window = getattr(self.hf_config, "sliding_window", None)

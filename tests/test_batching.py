@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import moelite
-from moelite.batching import Batcher, Rejected, Sequence, batch_generate
-from moelite.sampling import SamplingParams
-from moelite.scheduler import CostProfile, Scheduler, SchedulerConfig, TaskSLO
+from moelite.serve.batching import Batcher, Rejected, Sequence, batch_generate
+from moelite.core.sampling import SamplingParams
+from moelite.serve.scheduler import CostProfile, Scheduler, SchedulerConfig, TaskSLO
 
 
 @pytest.fixture(autouse=True, scope="module")

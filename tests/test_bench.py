@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import moelite
-from moelite.realshape import make_realshape
-from moelite.simulate import simulate
-from moelite.traces import Trace, TraceRecorder, TraceReplay
+from moelite.eval.realshape import make_realshape
+from moelite.eval.simulate import simulate
+from moelite.core.traces import Trace, TraceRecorder, TraceReplay
 
 CFG = dict(num_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moelite
-from moelite.arch import SUPPORTED
-from moelite.checkpoint import Checkpoint, CheckpointError
+from moelite.core.arch import SUPPORTED
+from moelite.core.checkpoint import Checkpoint, CheckpointError
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import moelite
-from moelite.evaluate import (Reference, compare_text, decode_logprobs, hellaswag, measure_decode, measure_interleaved,
+from moelite.eval.evaluate import (Reference, compare_text, decode_logprobs, hellaswag, measure_decode, measure_interleaved,
                               read_hellaswag, windows)
-from moelite.tuner import fit_and_pick
+from moelite.eval.tune import fit_and_pick
 
 from conftest import SHARED_DATA
 

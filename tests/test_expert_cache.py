@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moelite
-from moelite.expert_cache import ExpertCache, make_policy
+from moelite.core.expert_cache import ExpertCache, make_policy
 
 
 def _cache(policy: str, slots: int = 3, scope: str = "global", layers=(0, 1)) -> ExpertCache:
@@ -89,7 +89,7 @@ def test_layer_scope_partitions_slots():
 
 
 def test_grouped_forward_matches_one_expert_at_a_time(tiny, monkeypatch):
-    import moelite.moe_layer as ml
+    import moelite.core.moe_layer as ml
 
     eng = moelite.load(tiny("qwen3_moe"), expert_budget="100%", warm_start=True)
     m = eng.manager
@@ -110,7 +110,7 @@ def test_grouped_forward_matches_one_expert_at_a_time(tiny, monkeypatch):
 def test_grouped_forward_sums_like_the_per_expert_path(tiny, monkeypatch, dtype):
     """bf16 slots: products in bf16, outputs summed in the activation dtype on both paths; an expert listed twice
     for the token counts with both of its weights."""
-    import moelite.moe_layer as ml
+    import moelite.core.moe_layer as ml
 
     eng = moelite.load(tiny("qwen3_moe"), expert_budget="100%", warm_start=True, expert_dtype=dtype)
     m = eng.manager

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import moelite
-from moelite import expert_store
-from moelite.expert_store import ExpertReadError
+from moelite.core import expert_store
+from moelite.core.expert_store import ExpertReadError
 
 
 @pytest.mark.parametrize("io_threads", [0, 2])
@@ -77,7 +77,7 @@ def test_top_k_above_the_expert_count_is_refused_at_load(tiny, tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["num_experts_per_tok"] = 17
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(moelite.checkpoint.CheckpointError, match=r"num_experts_per_tok = 17 .* \(16\)"):
+    with pytest.raises(moelite.core.checkpoint.CheckpointError, match=r"num_experts_per_tok = 17 .* \(16\)"):
         moelite.load(path)
 
 
@@ -87,7 +87,7 @@ def test_tokenizer_symlink_leaving_the_folder_is_refused(tiny, tmp_path):
     outside = tmp_path / "elsewhere.json"
     shutil.move(path / "tokenizer.json", outside)
     (path / "tokenizer.json").symlink_to(outside)
-    with pytest.raises(moelite.checkpoint.CheckpointError, match="tokenizer.json: a symlink pointing outside"):
+    with pytest.raises(moelite.core.checkpoint.CheckpointError, match="tokenizer.json: a symlink pointing outside"):
         moelite.load(path)
     (path / "tokenizer.json").unlink()
     shutil.move(outside, path / "tokenizer.json")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import moelite
-from moelite.fused_moe import SKIP, fused_experts, plan_blocks, triton_available
+from moelite.core.fused_moe import SKIP, fused_experts, plan_blocks, triton_available
 
 
 def _pool(s, h, i, dtype=torch.float32, seed=0):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import moelite
-from moelite.traces import Trace, TraceRecorder, TraceReplay
+from moelite.core.traces import Trace, TraceRecorder, TraceReplay
 
 CFG = dict(num_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
 
@@ -90,7 +90,7 @@ def test_replay_prefetch_uses_recorded_predictions(tiny, tmp_path):
 
 
 def test_read_plan_coalesces_adjacent_parts_and_keeps_slot_order():
-    from moelite.expert_store import read_plan
+    from moelite.core.expert_store import read_plan
 
     # slot order gate | up | down (8 bytes each); on disk down, gate, up lie back to back
     plan = read_plan([("a", 108, 8), ("a", 116, 8), ("a", 100, 8)])

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig
 
 import moelite
-from moelite import memory
+from moelite.core import memory
 
 
 def test_cgroup_limit_caps_available_memory(monkeypatch):

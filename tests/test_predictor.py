@@ -8,12 +8,12 @@ import torch
 
 import moelite
 from moelite.cli import main as cli_main
-from moelite.predictor import (GRUPredictor, LayerTransition, MLPTransition, Preloader, PreviousPrompt,
-                               RecentMean, RequestRouting, TaskFrequency, compare_predictors, evaluate_a, evaluate_l,
-                               load_task_table, requests_from_trace, score)
-from moelite.prompts import PROMPTS
-from moelite.tasks import TaskClassifier
-from moelite.traces import Trace, record
+from moelite.emoe.predictors import GRUPredictor, LayerTransition, MLPTransition, PreviousPrompt, RecentMean, RequestRouting, TaskFrequency, compare_predictors, load_task_table, requests_from_trace
+from moelite.emoe.preloader import Preloader
+from moelite.emoe.scoring import evaluate_a, evaluate_l, score
+from moelite.eval.prompts import PROMPTS
+from moelite.emoe.classifier import TaskClassifier
+from moelite.core.traces import Trace, record
 
 E, K, L = 16, 2, 3
 torch.set_num_threads(1)  # tiny nets: more threads only contend on the shared cores

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import moelite
-from moelite.scheduler import SchedulerConfig
-from moelite.server import ServerSettings, _uvicorn_server, create_app, is_loopback
+from moelite.serve.scheduler import SchedulerConfig
+from moelite.serve.server import ServerSettings, _uvicorn_server, create_app, is_loopback
 
 KEY = "test-key-123"
 
@@ -349,7 +349,7 @@ def test_prompts_are_tokenized_off_the_event_loop(server, monkeypatch):
 def test_accept_error_storm_is_logged_once_per_interval():
     import logging
 
-    from moelite.server import OncePerInterval
+    from moelite.serve.server import OncePerInterval
 
     f = OncePerInterval(interval=60.0)
     rec = lambda msg: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, msg, None, None)  # noqa: E731

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moelite
-from moelite.arch.base import Routing
-from moelite.substitution import _plan_batch, _stall_keep, cache_router, plan
+from moelite.core.arch.base import Routing
+from moelite.core.substitution import _plan_batch, _stall_keep, cache_router, plan
 
 
 
@@ -270,7 +270,7 @@ def test_profile_of_zeros_is_exact_and_bad_profiles_are_refused(tiny, tmp_path):
 
 
 def test_profile_from_costs():
-    from moelite.calibrate import profile_from_costs
+    from moelite.eval.calibrate import profile_from_costs
 
     p = profile_from_costs([4.0, 1.0, None], gamma=2.0)
     assert p[2] == 1.0 and p[0] < 1.0 < p[1]  # costlier layer -> smaller multiplier; unmeasured layer -> 1
@@ -282,7 +282,7 @@ def test_profile_from_costs():
 
 
 def test_calibrate_writes_a_profile_the_engine_loads(tiny, tmp_path):
-    from moelite.calibrate import calibrate
+    from moelite.eval.calibrate import calibrate
 
     path = tiny("qwen2_moe")
     eng = moelite.load(path, expert_budget="25%")
@@ -301,7 +301,7 @@ def test_calibrate_writes_a_profile_the_engine_loads(tiny, tmp_path):
 
 
 def test_calibrate_refuses_bad_input_before_any_pass(tiny):
-    from moelite.calibrate import calibrate
+    from moelite.eval.calibrate import calibrate
 
     path = tiny("qwen2_moe")
     ids = list(range(3, 60))

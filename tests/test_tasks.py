@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 
 import moelite
-from moelite.prompts import PROMPTS
-from moelite.tasks import (NGramBayes, TaskClassifier, accuracy, corpus_prompts, data_dir, load_scores, mixed_stream,
-                           plan_preload, profile_sensitivity, random_router, reroute_to_resident, routing_override,
-                           similarity)
+from moelite.eval.prompts import PROMPTS
+from moelite.emoe.classifier import NGramBayes, TaskClassifier, accuracy
+from moelite.eval.corpus import corpus_prompts, data_dir, mixed_stream
+from moelite.emoe.load_rule import load_scores, plan_preload
+from moelite.emoe.sensitivity import profile_sensitivity, random_router, reroute_to_resident, routing_override, similarity
 
 
 def test_keyword_rules_classify_builtin_prompts():

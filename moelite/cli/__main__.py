@@ -1,0 +1,5 @@
+import sys
+
+from moelite.cli import main
+
+sys.exit(main())

@@ -1,0 +1,319 @@
+"""Where routed experts live on disk, and the fixed pool of slots they are read into.
+
+Contract:
+  - `ExpertLayout.build(checkpoint, adapter, config)` finds every routed expert's gate/up/down tensors (per-expert
+    keys, or rows of fused 3D tensors) and checks their shapes agree.
+  - `SlotPool` is one preallocated byte buffer of `n_slots` expert slots on the compute device. A slot holds
+    [gate (I*H) | up (I*H) | down (H*I)] in the slot dtype; `gate_up(s)` is a [2I, H] view, `down(s)` a [H, I] view.
+    Nothing is allocated per fetch.
+  - `ExpertReader.read_into(key, slot)` fills a slot with positional reads (os.preadv; an expert's parts that lie
+    next to each other in a shard are one read, `read_plan`) from the shard files,
+    straight into the slot when dtypes agree, otherwise through a preallocated staging buffer; on CUDA through
+    pinned staging memory and a separate copy stream. With `drop_page_cache` the file pages just read are dropped
+    (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped. A read
+    that fails is tried once more, then raises `ExpertReadError` naming the expert, its tensors, file and offset.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelite.core.checkpoint import Checkpoint, CheckpointError, TensorInfo
+
+Key = tuple[int, int]  # (layer index, expert index)
+
+
+@dataclass(frozen=True)
+class ExpertTensors:
+    gate: TensorInfo  # [I, H]
+    up: TensorInfo  # [I, H]
+    down: TensorInfo  # [H, I]
+
+    @property
+    def parts(self) -> tuple[TensorInfo, TensorInfo, TensorInfo]:
+        return (self.gate, self.up, self.down)
+
+
+@dataclass
+class ExpertLayout:
+    experts: dict[Key, ExpertTensors]
+    layers: list[int]  # MoE layer indices, ascending
+    num_experts: int
+    hidden: int
+    intermediate: int
+    disk_dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return 3 * self.hidden * self.intermediate
+
+    @property
+    def disk_bytes(self) -> int:
+        return self.numel * self.disk_dtype.itemsize
+
+    @property
+    def total_disk_bytes(self) -> int:
+        return self.disk_bytes * len(self.experts)
+
+    def expert_tensor_names(self) -> set[str]:
+        return {p.name.split("[")[0] for t in self.experts.values() for p in t.parts}
+
+    @classmethod
+    def build(cls, ckpt: Checkpoint, adapter, n_experts: int) -> "ExpertLayout":
+        found: dict[Key, dict[str, TensorInfo]] = {}
+        for name, info in ckpt.tensors.items():
+            m = adapter.expert_key.match(name)
+            if m:
+                layer, expert, proj = int(m.group(1)), int(m.group(2)), adapter.proj_names[m.group(3)]
+                found.setdefault((layer, expert), {})[proj] = info
+                continue
+            m = adapter.fused_key.match(name)
+            if m:  # fused [E, 2I, H] gate_up / [E, H, I] down: expert e is a contiguous run of rows
+                layer, kind = int(m.group(1)), m.group(2)
+                for e in range(info.shape[0]):
+                    sl = info.slice_rows(e, 1)
+                    if kind == "down_proj":
+                        found.setdefault((layer, e), {})["down"] = TensorInfo(sl.name, sl.file, sl.offset, sl.nbytes,
+                                                                              sl.dtype, info.shape[1:])
+                    else:
+                        inter = info.shape[1] // 2
+                        half = sl.nbytes // 2
+                        found.setdefault((layer, e), {})["gate"] = TensorInfo(
+                            sl.name + ".gate", sl.file, sl.offset, half, sl.dtype, (inter, info.shape[2]))
+                        found.setdefault((layer, e), {})["up"] = TensorInfo(
+                            sl.name + ".up", sl.file, sl.offset + half, half, sl.dtype, (inter, info.shape[2]))
+        if not found:
+            raise CheckpointError(f"no routed-expert tensors found in {ckpt.folder.name!r} for model_type "
+                                  f"{ckpt.model_type!r} (expected keys like 'model.layers.0.mlp.experts.0.gate_proj.weight')")
+        experts: dict[Key, ExpertTensors] = {}
+        for key, parts in sorted(found.items()):
+            missing = [p for p in ("gate", "up", "down") if p not in parts]
+            if missing:
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: missing {', '.join(missing)} projection "
+                                      "weights in the checkpoint")
+            experts[key] = ExpertTensors(parts["gate"], parts["up"], parts["down"])
+        layers = sorted({k[0] for k in experts})
+        for layer in layers:
+            have = sorted(e for (l_, e) in experts if l_ == layer)
+            if have != list(range(n_experts)):
+                raise CheckpointError(f"layer {layer}: checkpoint holds experts {have[:3]}..{have[-3:]} "
+                                      f"({len(have)}), config.json says {n_experts}")
+        first = next(iter(experts.values()))
+        inter, hidden = first.gate.shape
+        dtype = first.gate.dtype
+        for key, t in experts.items():
+            if t.gate.shape != (inter, hidden) or t.up.shape != (inter, hidden) or t.down.shape != (hidden, inter):
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: shapes gate{list(t.gate.shape)} "
+                                      f"up{list(t.up.shape)} down{list(t.down.shape)} differ from expert 0 of "
+                                      f"layer {layers[0]}; moelite needs equal expert shapes")
+            if any(p.dtype != dtype for p in t.parts):
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: mixed dtypes; expected {dtype}")
+        return cls(experts, layers, n_experts, hidden, inter, dtype)
+
+
+class SlotPool:
+    """`n_slots` expert slots in one preallocated buffer on `device`."""
+
+    def __init__(self, layout: ExpertLayout, n_slots: int, dtype: torch.dtype, device: torch.device):
+        self.layout, self.n_slots, self.dtype, self.device = layout, n_slots, dtype, device
+        self.slot_numel = layout.numel
+        self.slot_bytes = self.slot_numel * dtype.itemsize
+        self.buffer = torch.empty((n_slots, self.slot_numel), dtype=dtype, device=device)
+        h, i = layout.hidden, layout.intermediate
+        self._gate_up = self.buffer[:, : 2 * i * h].view(n_slots, 2 * i, h)
+        self._down = self.buffer[:, 2 * i * h:].view(n_slots, h, i)
+
+    @property
+    def gate_up_all(self) -> torch.Tensor:
+        return self._gate_up  # [n_slots, 2I, H] (strided view of the buffer)
+
+    @property
+    def down_all(self) -> torch.Tensor:
+        return self._down  # [n_slots, H, I]
+
+    def gate_up(self, slot: int) -> torch.Tensor:
+        return self._gate_up[slot]
+
+    def down(self, slot: int) -> torch.Tensor:
+        return self._down[slot]
+
+    def flat(self, slot: int) -> torch.Tensor:
+        return self.buffer[slot]
+
+
+class ExpertReadError(OSError):
+    """An expert's bytes could not be read (after one retry); the message names expert, tensors, file and offset."""
+
+
+def _preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> None:
+    """Fill `views` (one buffer, or several filled in order) from the contiguous file range starting at `offset`."""
+    views = [views] if isinstance(views, memoryview) else views
+    got = os.preadv(fd, views, offset)
+    for view in views:  # a short read (rare: signals, network file systems): finish buffer by buffer
+        n = len(view)
+        if got >= n:
+            got -= n
+            offset += n
+            continue
+        done, got = got, 0
+        while done < n:
+            k = os.preadv(fd, [view[done:]], offset + done)
+            if k <= 0:
+                raise OSError(f"short read at offset {offset + done}")
+            done += k
+        offset += n
+
+
+def read_plan(parts) -> list[tuple]:
+    """Coalesce an expert's parts [(file, offset, nbytes), ...] (in slot order) into one read per contiguous file
+    range: [(file, offset, nbytes, ((slot byte position, nbytes), ...)), ...]. Checkpoints store an expert's
+    down/gate/up projections next to each other, so an expert is usually one positional read and one fadvise
+    instead of three of each."""
+    segs, pos = [], 0
+    for f, off, nb in parts:
+        segs.append((f, off, nb, pos))
+        pos += nb
+    segs.sort(key=lambda t: (str(t[0]), t[1]))
+    runs: list[list] = []
+    for f, off, nb, dp in segs:
+        if runs and runs[-1][0] == f and runs[-1][1] + runs[-1][2] == off:
+            runs[-1][2] += nb
+            runs[-1][3].append((dp, nb))
+        else:
+            runs.append([f, off, nb, [(dp, nb)]])
+    return [(f, off, nb, tuple(d)) for f, off, nb, d in runs]
+
+
+class ExpertReader:
+    """Positional reads of expert bytes into slots (or into a caller's staging buffer)."""
+
+    def __init__(self, layout: ExpertLayout, pool: SlotPool, drop_page_cache: bool = True):
+        self.layout, self.pool = layout, pool
+        self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+        disk, dev = layout.disk_dtype, pool.device
+        self.direct = pool.dtype == disk and dev.type == "cpu"
+        # staging buffers, one per reading thread, allocated once
+        self._staging: dict[int, torch.Tensor] = {}
+        self._plans: dict[Key, list[tuple]] = {}  # coalesced reads per expert (read_plan), built on first use
+        self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+        self.bytes_read = 0
+        self.io_seconds = 0.0
+        self.reads = 0
+        #: experts whose last read failed -> the failure's message; an expert leaves it once it reads (/health)
+        self.failing: dict[Key, str] = {}
+        self.read_errors = 0
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = os.open(path, os.O_RDONLY)
+                    self._fds[path] = fd
+        return fd
+
+    def staging(self) -> torch.Tensor:
+        """This thread's staging buffer (disk dtype; pinned on CUDA)."""
+        tid = threading.get_ident()
+        buf = self._staging.get(tid)
+        if buf is None:
+            pin = self.pool.device.type == "cuda"
+            buf = torch.empty(self.layout.numel, dtype=self.layout.disk_dtype, pin_memory=pin)
+            self._staging[tid] = buf
+        return buf
+
+    def read_bytes(self, key: Key, dest: torch.Tensor) -> None:
+        """Read expert `key` into the 1-D CPU tensor `dest` (disk dtype, numel = layout.numel)."""
+        t0 = time.perf_counter()
+        raw = memoryview(dest.view(torch.uint8).numpy())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = read_plan([(p.file, p.offset, p.nbytes) for p in self.layout.experts[key].parts])
+        pos = 0
+        for path, offset, nbytes, segs in plan:
+            fd = self._fd(path)
+            views = [raw[dp: dp + n] for dp, n in segs]
+            try:
+                try:
+                    _preadv_all(fd, views, offset)
+                except OSError:  # a transient error (EIO, EINTR on a network file system) gets one more try
+                    _preadv_all(fd, views, offset)
+            except OSError as exc:
+                names = ", ".join(p.name for p in self.layout.experts[key].parts)
+                err = ExpertReadError(
+                    f"expert {key[1]} of layer {key[0]}: reading {nbytes} bytes of {names} from {path.name!r} at "
+                    f"offset {offset} failed twice ({exc}); the file is truncated, damaged or unreadable: restore "
+                    "it (the engine recovers once it reads correctly)")
+                with self._lock:
+                    self.failing[key] = str(err)
+                    self.read_errors += 1
+                raise err from exc
+            if self.drop_page_cache:
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+            pos += nbytes
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.bytes_read += pos
+            self.io_seconds += dt
+            self.reads += 1
+            self.failing.pop(key, None)
+
+    @property
+    def last_error(self) -> str | None:
+        """The latest failure among experts that have not read correctly since; None when all read."""
+        with self._lock:
+            return next(reversed(self.failing.values()), None)
+
+    def read_into(self, key: Key, slot: int) -> torch.cuda.Event | None:
+        """Fill `slot` with expert `key`. On CUDA returns an event the compute stream must wait on."""
+        if self.direct:
+            self.read_bytes(key, self.pool.flat(slot))
+            return None
+        stage = self.staging()
+        if self.copy_stream is not None:
+            # the staging buffer may still feed a previous async copy; wait for it before overwriting
+            self.copy_stream.synchronize()
+        self.read_bytes(key, stage)
+        if self.copy_stream is None:
+            self.pool.flat(slot).copy_(stage)  # dtype conversion into the slot, no allocation
+            return None
+        with torch.cuda.stream(self.copy_stream):
+            self.pool.flat(slot).copy_(stage, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return event
+
+    def read_tensor(self, info: TensorInfo) -> torch.Tensor:
+        """Read one whole tensor (non-expert weights) with a positional read into a new CPU tensor."""
+        out = torch.empty(info.shape, dtype=info.dtype)
+        fd = self._fd(info.file)
+        _preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
+        return out
+
+    def drop_file_pages(self) -> None:
+        """Drop every shard's pages from the OS page cache (after the dense weights were read at load)."""
+        if not self.drop_page_cache:
+            return
+        for path in {p.file for t in self.layout.experts.values() for p in t.parts}:
+            os.posix_fadvise(self._fd(path), 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def __del__(self):
+        self.close()
