@@ -95,7 +95,7 @@ def measure(model, base: EngineConfig, over: dict, n_prompts: int, tokens: int, 
         if replay:  # real-shape checkpoint: decode routing follows a trained model's recorded trace
             from moelite.core.traces import Trace, TraceReplay
 
-            eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
+            eng.manager.set_replay(TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True))
         prompts = _prompts(eng, n_prompts + 1)
         r = measure_decode(eng, prompts, tokens, over.get("substitution_alpha", 0.0))
         s = eng.stats()
@@ -133,7 +133,7 @@ def run_interleaved(model, base: EngineConfig, configs: list[tuple[str, dict]], 
         if replay:  # each engine replays the trace from its start
             from moelite.core.traces import Trace, TraceReplay
 
-            eng.manager.replay = TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True)
+            eng.manager.set_replay(TraceReplay(Trace.load(replay), eng.layout.layers, decode_only=True))
         prompts = prompts or _prompts(eng, n_prompts + 1)
         engines[label] = (eng, over.get("substitution_alpha", 0.0))
     out = measure_interleaved(engines, prompts, tokens, rounds, log)

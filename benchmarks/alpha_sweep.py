@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moelite.eval.evaluate import default_data_dir  # noqa: E402
+from moelite.cli import main as cli  # noqa: E402
+from moelite.eval.corpus import data_dir as find_data_dir  # noqa: E402
 
 
 def heldout_shakespeare(tmp: Path, data_dir: Path | None) -> tuple[Path, str]:
@@ -55,19 +56,20 @@ def main(argv=None) -> int:
     p.add_argument("--cache-policy", default="lru")
     p.add_argument("--substitution-mode", default="always", choices=["always", "stall"])
     p.add_argument("--alphas", default="0,0.1,0.2,0.25,0.3,0.4,0.5")
-    p.add_argument("--data-dir", default=str(default_data_dir()) if default_data_dir() else None)
-    p.add_argument("--max-tokens", type=int, default=1024, help="scored tokens per text")
+    p.add_argument("--data-dir", default=None, help="shared data folder (default: $MOELITE_DATA_DIR, else "
+                                                      "../shared/data beside the checkout)")
+    p.add_argument("--score-tokens", type=int, default=1024, help="scored tokens per text")
     p.add_argument("--hellaswag-limit", type=int, default=0, help="HellaSwag items (0: skip)")
     p.add_argument("--speed-prompts", type=int, default=6)
-    p.add_argument("--speed-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens to generate per speed prompt")
     p.add_argument("--speed-rounds", type=int, default=18, help="prompts per alpha, measured interleaved")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "smoe"))
     p.add_argument("extra", nargs="*", help="further engine flags for moelite eval, after --")
     args = p.parse_args(argv)
-    if not args.data_dir or not Path(args.data_dir).is_dir():
-        raise SystemExit("--data-dir: the shared data folder was not found")
-    data = Path(args.data_dir)
-    from moelite.cli import main as cli
+    try:
+        data = find_data_dir(args.data_dir)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
     with tempfile.TemporaryDirectory(prefix="moelite-sweep-") as tmp:
         shakespeare, source = heldout_shakespeare(Path(tmp), data)
@@ -75,8 +77,8 @@ def main(argv=None) -> int:
         cmd = ["eval", "--model", args.model, "--expert-budget", args.expert_budget, "--cache-policy",
                args.cache_policy, "--substitution-mode", args.substitution_mode, "--alpha-sweep", args.alphas,
                "--text", str(data / "wikitext-2" / "test.txt"),
-               "--text", str(shakespeare), "--max-tokens", str(args.max_tokens), "--speed-prompts",
-               str(args.speed_prompts), "--speed-tokens", str(args.speed_tokens), "--speed-rounds",
+               "--text", str(shakespeare), "--score-tokens", str(args.score_tokens), "--speed-prompts",
+               str(args.speed_prompts), "--max-tokens", str(args.max_tokens), "--speed-rounds",
                str(args.speed_rounds), "--out", args.out,
                "--num-threads", "1", "--data-dir", str(data), *args.extra]
         if args.hellaswag_limit:

@@ -14,5 +14,5 @@ mkdir -p "$OUT"
 # 2. the real-shape checkpoint (random weights), with the demo tokenizer
 [ -f "$WORK/config.json" ] || moelite realshape "$WORK" --layers 8 --tokenizer-from moelite/demo_model
 # 3. budgets x policies + baselines, each in a fresh process under the memory cap
-moelite bench --model "$WORK" --replay "$OUT/demo_trace.npz" --budgets 12.5%,25% --policies lru,score \
+moelite bench --model "$WORK" --replay "$OUT/demo_trace.npz" --expert-budget 12.5%,25% --cache-policy lru,score \
   --n-prompts 2 --max-tokens 16 --prompt-tokens 4 --no-upper-bound --expert-dtype float32 --io-threads 4 --cgroup-mem 4GiB --out "$OUT"

@@ -150,7 +150,7 @@ def summarise(eng, pl, rows: list[dict], pred, label: str) -> dict:
         "observe_s": s["observe_s"], "account_s_measurement_only": s["account_s"],
         "prediction_overhead_share": (s["predict_s"] + s["classify_s"] + s["plan_s"] + s["observe_s"]) / req_s
         if req_s else 0.0,
-        "substitutions": eng.manager.substitutions, "slots_per_plan": s["slots"], "scope": s["scope"],
+        "substitutions": eng.stats()["expert_substitutions"], "slots_per_plan": s["slots"], "scope": s["scope"],
     }
 
 
@@ -279,7 +279,7 @@ def part_curve(args, out: Path) -> dict:
             row = {"experts_loaded_pct": frac, "resident_set": kind, "per_layer": per,
                    "token_agreement": float(np.mean(agg["token_agreement"])), "ngram_f1": float(np.mean(agg["ngram_f1"])),
                    "perplexity": math.exp(agg["nll"] / agg["n"]), "perplexity_exact": math.exp(agg["nll_exact"] / agg["n"]),
-                   "teacher_forced_top1_agreement": agg["top1"] / agg["n"], "substitutions": eng.manager.substitutions}
+                   "teacher_forced_top1_agreement": agg["top1"] / agg["n"], "substitutions": eng.stats()["expert_substitutions"]}
             eng.close()
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -62,7 +62,7 @@ TINY = dict(hidden_size=64, moe_intermediate_size=32, shared_expert_intermediate
 BATCH_BUDGETS = ("100%", "25%")
 COUNTERS = ("expert_hits", "expert_misses", "misses_loaded", "misses_direct", "expert_substitutions",
             "expert_bytes_read", "graph_steps", "eager_steps")
-BRIEF = ("decode_tok_s", "tpot_ms", "ttft_ms", "decode_hit_rate", "bound_fraction", "load_s", "hbm_copy_GBps_rw",
+BRIEF = ("decode_tok_s", "tpot_ms", "ttft_ms", "decode_exact_hit_rate", "bound_fraction", "load_s", "hbm_copy_GBps_rw",
          "h2d_pinned_GBps", "active_bytes_per_token")
 T0 = time.time()
 
@@ -196,23 +196,20 @@ def free(eng=None) -> None:
 
 
 def set_routing(eng, routing: str, trace: Path) -> None:
-    eng.manager.replay = TraceReplay(Trace.load(trace), eng.layout.layers, decode_only=True) \
-        if routing == "replay" else None
+    eng.manager.set_replay(TraceReplay(Trace.load(trace), eng.layout.layers, decode_only=True)
+                           if routing == "replay" else None)
 
 
-def counters(eng) -> dict:
-    s, m = eng.stats(), eng.manager
-    out = {k: s[k] for k in COUNTERS if isinstance(s.get(k), (int, float))}
-    out["decode_hits"], out["decode_misses"] = getattr(m, "decode_hits", 0), getattr(m, "decode_misses", 0)
-    return out
+def counters(eng) -> tuple:
+    """The engine's counters (a snapshot) and its CUDA-graph step counts, now."""
+    s = eng.stats()
+    return eng.counters(), {k: s[k] for k in ("graph_steps", "eager_steps") if k in s}
 
 
-def delta(before: dict, after: dict) -> dict:
-    d = {k: after[k] - before.get(k, 0) for k in after}
-    n, nd = d.get("expert_hits", 0) + d.get("expert_misses", 0), d["decode_hits"] + d["decode_misses"]
-    d["expert_hit_rate"] = d.get("expert_hits", 0) / n if n else None
-    d["decode_hit_rate"] = d["decode_hits"] / nd if nd else None
-    d["decode_substituted_rate"] = d.get("expert_substitutions", 0) / nd if nd else None
+def delta(before: tuple, after: tuple) -> dict:
+    """Counts and rates between two `counters` readings, as moelite.core.counters defines them."""
+    d = (after[0] - before[0]).report()
+    d.update({k: v - before[1].get(k, 0) for k, v in after[1].items()})
     return d
 
 
@@ -235,7 +232,7 @@ def batch1(eng, ps: list[list[int]], tokens: int, bound_ms: float | None) -> dic
             "decode_tok_s_wall": toks / wall_dec if wall_dec > 0 else None, "tpot_ms": tpot,
             "ttft_ms": 1000 * statistics.mean(ttfts), "decode_tokens": toks, **delta(before, counters(eng)),
             "bound_fraction": bound_ms / tpot if bound_ms and tpot else None,
-            "cumulative": {k: st[k] for k in ("expert_hit_rate", "decode_hit_rate", *COUNTERS[2:]) if k in st}}
+            "cumulative": {k: st[k] for k in ("exact_hit_rate", "decode_exact_hit_rate", *COUNTERS[2:]) if k in st}}
 
 
 def batchB(eng, vocab: int, b: int, tokens: int) -> dict:
@@ -326,7 +323,7 @@ def smoe_rows(run: Runner, args, rs: Path, info: dict) -> dict:
     return {"profile": profile, "best_exact": best and best["label"], "best_substitution": sub.get("label"),
             "best_exact_tok_s": best and best["decode_tok_s"], "substitution_tok_s": sub.get("decode_tok_s"),
             "speedup": sub["decode_tok_s"] / best["decode_tok_s"] if best and sub.get("decode_tok_s") else None,
-            "substitution_decode_hit_rate": sub.get("decode_hit_rate"),
+            "substitution_decode_exact_hit_rate": sub.get("decode_exact_hit_rate"),
             "substitution_substituted_rate": sub.get("decode_substituted_rate")}
 
 
@@ -404,7 +401,7 @@ def markdown(res: dict, cmd: str) -> str:
     hw, b, ck = res["hardware"] or {}, res["bounds"] or {}, res["checkpoint"] or {}
     gb = lambda v: fmt(v / 1e9 if v else None, ".3f")  # noqa: E731
     cols = [("decode tok/s", "decode_tok_s", ".2f"), ("TPOT ms", "tpot_ms", ".2f"), ("TTFT ms", "ttft_ms", ".1f"),
-            ("decode hit", "decode_hit_rate", "%"), ("substituted", "decode_substituted_rate", "%"),
+            ("decode hit", "decode_exact_hit_rate", "%"), ("substituted", "decode_substituted_rate", "%"),
             ("misses loaded", "misses_loaded", ""), ("misses direct", "misses_direct", ""),
             ("graph steps", "graph_steps", ""), ("eager steps", "eager_steps", ""), ("bound", "bound_fraction", "%"),
             ("s", "elapsed_s", ".1f")]
@@ -434,7 +431,7 @@ def markdown(res: dict, cmd: str) -> str:
     if s:
         md.append(f"\nSMoE at 25%, replay: best exact **{s.get('best_exact')}** {fmt(s.get('best_exact_tok_s'))} "
                   f"tok/s; substitution {fmt(s.get('substitution_tok_s'))} tok/s, speed-up "
-                  f"**{fmt(s.get('speedup'))}x**, decode hit {fmt(s.get('substitution_decode_hit_rate'), pct=True)}, "
+                  f"**{fmt(s.get('speedup'))}x**, decode exact hit {fmt(s.get('substitution_decode_exact_hit_rate'), pct=True)}, "
                   f"substituted {fmt(s.get('substitution_substituted_rate'), pct=True)}; per-layer multipliers "
                   f"{s.get('profile')}.")
     md.append("\nmoelite rows reuse one engine per budget (replay first, then own routing, each with a warm-up "

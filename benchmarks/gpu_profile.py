@@ -49,15 +49,14 @@ def main() -> int:
     dec.flush()
     step_ms = (time.perf_counter() - t0) / 20 * 1e3
     m = eng.manager
-    m.graph_buffers = dec.buffers  # the capture-time path, run eagerly so that the profiler sees each kernel
     mask = dec.valid[:, None, None, :]
-    with torch.inference_mode():
+    with torch.inference_mode(), m.capturing(dec.buffers):  # the capture-time path, run eagerly: the profiler
+        # sees each kernel
         dec._forward(dec.ids, dec.pos, mask)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             dec._forward(dec.ids, dec.pos, mask)
             torch.cuda.synchronize()
-    m.graph_buffers = None
     kernels = [x for x in prof.events() if x.device_type == torch.autograd.DeviceType.CUDA]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
     result = {"gpu": torch.cuda.get_device_name(), "layers": a.layers, "compile_decode": a.compile_decode,

@@ -185,14 +185,14 @@ def worker_moelite(spec: dict) -> None:
     engine = moelite.load(spec["model"], device="cpu", **spec["config"])
     load_s = time.perf_counter() - t0
     if spec.get("replay"):
-        engine.manager.replay = TraceReplay(Trace.load(spec["replay"]), engine.layout.layers, decode_only=True)
+        engine.manager.set_replay(TraceReplay(Trace.load(spec["replay"]), engine.layout.layers, decode_only=True))
     engine.eos_ids = set()  # decode exactly max_tokens tokens, as every other engine here
     meter = Meter(len(spec["prompts"]), _proc_read_bytes())
     meter.extra["load_s"] = load_s
     for _domain, ids in spec["prompts"]:
         g = engine.generate(ids, max_tokens=spec["max_tokens"], temperature=0)
         s = engine.stats()
-        meter.extra.update(expert_hit_rate=s["expert_hit_rate"], decode_hit_rate=s["decode_hit_rate"],
+        meter.extra.update(exact_hit_rate=s["exact_hit_rate"], decode_exact_hit_rate=s["decode_exact_hit_rate"],
                            expert_bytes_read=s["expert_bytes_read"], expert_substitutions=s["expert_substitutions"],
                            expert_budget_bytes=s["expert_budget_bytes"], expert_slots=s["expert_slots"],
                            resident_expert_bytes_peak=s["resident_expert_bytes_peak"])
@@ -548,7 +548,7 @@ def ensure_realshape(path: Path, demo: Path, layers: int) -> tuple[bool, str, fl
         return True, "", 0.0
     t0 = time.perf_counter()
     ok, why = _run([sys.executable, "-m", "moelite", "realshape", str(path), "--layers", str(layers),
-                    "--tokenizer-from", str(demo)], "writing the real-shape checkpoint")
+                    "--tokenizer-from", str(demo), "--force"], "writing the real-shape checkpoint")  # over a partial one
     return ok, why, time.perf_counter() - t0
 
 

@@ -172,7 +172,7 @@ async def scrape(client: httpx.AsyncClient) -> dict:
     text = (await client.get("/metrics")).text
     out = {}
     for name in ("moelite_process_rss_bytes", "moelite_queue_depth", "moelite_running_requests",
-                 "moelite_tokens_per_second", "moelite_generated_tokens_total", "moelite_expert_hit_rate"):
+                 "moelite_tokens_per_second", "moelite_generated_tokens_total", "moelite_expert_exact_hit_rate"):
         m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         out[name.replace("moelite_", "")] = float(m.group(1)) if m else None
     out["cancelled"] = sum(float(v) for v in re.findall(r'moelite_requests_total\{[^}]*outcome="cancelled"\} (\S+)',

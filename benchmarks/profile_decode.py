@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     if args.replay:
         from moelite.core.traces import Trace, TraceReplay
 
-        eng.manager.replay = TraceReplay(Trace.load(args.replay), eng.layout.layers, decode_only=True)
+        eng.manager.set_replay(TraceReplay(Trace.load(args.replay), eng.layout.layers, decode_only=True))
     eng.eos_ids = set()
     prompt = [3 + (7 * j) % 200 for j in range(16)]
     eng.generate(prompt, max_tokens=8, temperature=0)  # warm-up

@@ -1,8 +1,11 @@
 """Engine configuration.
 
 Contract: `EngineConfig` holds every knob of `moelite.load`; `validate()` raises ValueError naming the field, the
-value and what is allowed. The CLI derives its flags from these fields. Budgets are parsed here
-(`parse_budget`) and resolved against a checkpoint in `resolve_budget`.
+value and what is allowed. The CLI derives its flags from these fields (`CHOICES` gives the fixed sets). Budgets are
+parsed here (`parse_budget`) and resolved against a checkpoint in `resolve_budget`. `SamplingParams` holds one
+request's sampling knobs (validated the same way); `parse_alphas` reads a comma list of substitution alphas.
+This module does not import torch: the command line validates its flags with it before anything heavy is loaded
+(torch devices and dtypes are resolved in `moelite.core.device`).
 """
 
 from __future__ import annotations
@@ -12,16 +15,20 @@ import json
 import math
 import numbers
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
 MISS_POLICIES = ("load", "direct", "hybrid")
 SUBSTITUTION_MODES = ("always", "stall")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 EXPERT_KERNELS = ("auto", "triton", "torch")
+CACHE_SCOPES = ("global", "layer")
+#: the fixed set of values of each EngineConfig field that has one (the CLI's `choices=`)
+CHOICES = {"cache_policy": CACHE_POLICIES, "miss_policy": MISS_POLICIES, "substitution_mode": SUBSTITUTION_MODES,
+           "expert_dtype": EXPERT_DTYPES, "expert_kernel": EXPERT_KERNELS, "cache_scope": CACHE_SCOPES}
+#: the substitution alphas `moelite tune` measures unless told otherwise
+DEFAULT_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5"
 _UNITS = {
     "": 1, "b": 1,
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
@@ -64,19 +71,13 @@ def parse_budget(value: str | int | float) -> tuple[str, float]:
     return "bytes", nbytes
 
 
-def parse_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device: {device!r} is not a device; use 'cpu' or 'cuda' / 'cuda:N'") from exc
-    if dev.type not in ("cpu", "cuda"):
+def check_device(device) -> str:
+    """The device's spelling: 'cpu', 'cuda' or 'cuda:N' (a torch.device is read as its string). Whether that CUDA
+    device exists is checked when the engine resolves it (`moelite.core.device.parse_device`)."""
+    text = device if isinstance(device, str) else str(device)
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", text):
         raise ValueError(f"device: {device!r} is not supported; use 'cpu' or 'cuda' / 'cuda:N'")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} asked for, but no CUDA GPU is available here; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
-    return dev
+    return text
 
 
 @dataclass
@@ -134,18 +135,17 @@ class EngineConfig:
     # CUDA graphs: compile the decode step's decoder layers and MoE glue with torch.compile before capture
     # (fewer, fused kernels; the first generation per batch size pays the compile, ~15-20 s)
     compile_decode: bool = False
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> "EngineConfig":
-        parse_device(self.device)
+        check_device(self.device)
         if self.expert_budget != "auto":  # auto: resolved at load against the memory this process may use
             parse_budget(self.expert_budget)
         if self.cache_policy not in CACHE_POLICIES:
             raise ValueError(f"cache_policy: {self.cache_policy!r} is not one of {', '.join(CACHE_POLICIES)}")
         if self.expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"expert_dtype: {self.expert_dtype!r} is not one of {', '.join(EXPERT_DTYPES)}")
-        if self.cache_scope not in ("global", "layer"):
-            raise ValueError(f"cache_scope: {self.cache_scope!r} is not one of global, layer")
+        if self.cache_scope not in CACHE_SCOPES:
+            raise ValueError(f"cache_scope: {self.cache_scope!r} is not one of {', '.join(CACHE_SCOPES)}")
         if not isinstance(self.score_window, int) or self.score_window < 1:
             raise ValueError(f"score_window: {self.score_window!r} must be an int >= 1")
         check_alpha(self.substitution_alpha)
@@ -180,6 +180,56 @@ def check_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or not 0 <= alpha < 1:
         raise ValueError(f"substitution_alpha: {alpha!r} must be a number in [0, 1)")
     return float(alpha)
+
+
+def parse_alphas(text: str, field: str = "alpha_sweep") -> list[float]:
+    """A comma list of substitution alphas, each in [0, 1): "0,0.1,0.25" -> [0.0, 0.1, 0.25]."""
+    try:
+        vals = [float(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{field}: {text!r} is not a comma-separated list of numbers such as 0,0.1,0.25") from None
+    if not vals:
+        raise ValueError(f"{field}: empty list; give alphas such as 0,0.1,0.25")
+    for v in vals:
+        try:
+            check_alpha(v)
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
+    return vals
+
+
+@dataclass
+class SamplingParams:
+    """One request's sampling knobs; `validate()` raises ValueError naming the field, the value and the range."""
+
+    max_tokens: int = 64
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> "SamplingParams":
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens: {self.max_tokens!r} must be an int >= 1")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name}: {v!r} must be a finite number")
+        if not 0 <= self.temperature <= 10:
+            raise ValueError(f"temperature: {self.temperature!r} must be in [0, 10] (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: {self.top_p!r} must be in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k: {self.top_k!r} must be an int >= 0 (0 = off)")
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop or ())
+        if len(self.stop) > 16 or any(not isinstance(s, str) or not s or len(s) > 256 for s in self.stop):
+            raise ValueError("stop: at most 16 non-empty strings of at most 256 characters")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed: {self.seed!r} must be an int or None")
+        return self
 
 
 #: the largest per-layer alpha a profile may give (alpha >= 1 would open the candidate window to every expert)
@@ -242,22 +292,14 @@ def parse_profile(value) -> tuple[float, ...] | None:
 
 def alpha_positive(alpha) -> bool:
     """Whether substitution is on: alpha (a float, or a per-token [N] tensor) > 0 for at least one token."""
-    return bool((alpha > 0).any()) if isinstance(alpha, torch.Tensor) else alpha > 0
+    return alpha > 0 if type(alpha) is float or isinstance(alpha, numbers.Real) else bool((alpha > 0).any())
 
 
 def layer_alpha(alpha, scale: float):
     """alpha (float or [N] tensor) of one layer under profile multiplier `scale`, capped at ALPHA_CAP."""
-    if isinstance(alpha, torch.Tensor):
-        return (alpha * scale).clamp(max=ALPHA_CAP)
-    return min(float(alpha) * scale, ALPHA_CAP)
-
-
-def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
-    if config.expert_dtype != "auto":
-        return getattr(torch, config.expert_dtype)
-    if device.type == "cpu":
-        return torch.float32
-    return checkpoint_dtype
+    if type(alpha) is float or isinstance(alpha, numbers.Real):
+        return min(float(alpha) * scale, ALPHA_CAP)
+    return (alpha * scale).clamp(max=ALPHA_CAP)
 
 
 def resolve_budget(value, total_expert_bytes: int, slot_bytes: int) -> tuple[int, int]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from moelite.tiny import make_tiny_checkpoint
+
 SHIPPED = Path(__file__).with_name("demo_model")
 
 
@@ -14,8 +16,6 @@ def demo_model_path() -> Path:
         return SHIPPED
     cache = Path(os.environ.get("MOELITE_CACHE", Path.home() / ".cache" / "moelite")) / "tiny-qwen2-moe"
     if not (cache / "config.json").is_file():
-        from moelite.tiny import make_tiny_checkpoint
-
         make_tiny_checkpoint("qwen2_moe", cache, tokenizer=True, vocab_size=300, num_experts=16,
                              num_experts_per_tok=4, hidden_size=128, num_hidden_layers=4)
     return cache

@@ -7,65 +7,87 @@ Contract:
     the dense weights) is refused with the numbers.
   - `engine.logits(input_ids[B, T])` -> float32 logits [B, T, vocab] (full forward, no KV cache).
   - `engine.generate(prompt, max_tokens, temperature, top_p, top_k, stop, seed)` -> `Generation` (text, token ids,
-    finish reason, per-request stats); `engine.stream(...)` yields text pieces as they decode.
-  - `engine.stats()` -> dict of totals since load.
+    finish reason, per-request stats); `engine.stream(...)` yields text pieces as they decode;
+    `engine.generate_batch(prompts, ...)` decodes several prompts in lock step; `engine.teacher_force(ids, start)`
+    -> the decode path's logits of ids[start:] (eval). All four are sequences of the one decode loop,
+    `serve.batching.Batcher.step`, run in the calling thread under the engine's lock, with a per-call alpha.
+    Bad input (ids outside the vocabulary, prompt + max_tokens over the context, no prompt) is refused with a
+    ValueError before any model work (`sampling_params`, `check_prompt`).
+  - `engine.stats()` -> dict of totals since load: the counters' report (moelite.core.counters: exact hits, misses,
+    reads in flight, substitutions, prefill and decode apart, each rate defined once) plus memory and the CUDA path's
+    figures. `engine.counters()` -> an immutable `Snapshot`; `after - before` is what a call did.
+  - Per-call state: `with engine.request(alpha=..., hook=..., in_prefill=..., alpha_scale=...)` sets substitution
+    alpha, routing hook and profile for the calls inside and restores the engine's own on exit (ExpertManager.request).
+  - `engine.preload(keys)` reads experts into the cache ahead of use (neither hits nor misses); `engine.warm_up()`
+    fills free slots in layer order. Load runs in named phases (`__init__`).
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
+import json
 import warnings
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, DynamicCache
+from transformers import AutoConfig, AutoTokenizer
 
 from moelite.core.arch import adapter_for
 from moelite.core.checkpoint import Checkpoint, CheckpointError
-from moelite.config import EngineConfig, check_alpha, format_bytes, parse_device, resolve_budget, slot_dtype
+from moelite.config import EngineConfig, check_alpha, format_bytes, resolve_budget
+from moelite.core.device import parse_device, slot_dtype
 from moelite.core.expert_cache import ExpertCache, make_policy
 from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
 from moelite.core.graph_decode import StaticDecoder, bucket
 from moelite.core.host_tier import HostTier
-from moelite.core.memory import auto_budget, available_memory
+from moelite.core.memory import auto_budget, available_memory, resident_note
 from moelite.core.loader import Loader
 from moelite.core.model import build_model
+from moelite.core.counters import Snapshot
+from moelite.core.cuda_experts import CudaExperts
+from moelite.core.call_state import DECODE, ManagerOptions
 from moelite.core.moe_layer import ExpertManager
 from moelite.core.substitution import cache_router
-from moelite.core.sampling import SamplingParams, sample
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" | "length" | "eos"
-    stats: dict = field(default_factory=dict)
-
-
-def _ratio(a: float, b: float) -> float:
-    return a / b if b else 0.0
-
-
-def _counters(engine: "Engine") -> dict:
-    c = engine.manager.cache
-    return {"expert_hits": c.hits, "expert_misses": c.misses, "expert_bytes_read": engine.reader.bytes_read,
-            "io_seconds": engine.reader.io_seconds, "stall_seconds": engine.manager.stall_seconds,
-            "expert_substitutions": engine.manager.substitutions}
+from moelite.core.sampling import SamplingParams
+from moelite.demo import demo_model_path
+from moelite.serve.batching import Batcher
+from moelite.serve.runner import DynamicRunner, StaticRunner
+from moelite.serve.scheduler import Scheduler, SchedulerConfig
+from moelite.serve.sequence import Generation, Sequence  # Generation: moelite.engine.Generation stays importable
 
 
 class Engine:
     def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None, progress: bool = True):
+        """Load in named phases: open the checkpoint, size the expert budget, build the expert manager, build the
+        model around it, set up the device's expert path, warm the cache, load the tokenizer."""
         self.config = (config or EngineConfig()).validate()
-        if path is None:
-            from moelite.demo import demo_model_path
+        self.lock = threading.RLock()  # one call at a time on the model, the cache and the counters
+        self.requests = 0
+        self._open_checkpoint(path)
+        sdtype, n_slots, total = self._size_budget()
+        self._check_profile()
+        self._build_expert_manager(sdtype, n_slots)
+        self.model = build_model(self.checkpoint, self.adapter, self.hf_config, self.layout, self.reader, self.manager,
+                                 self.device, self.dtype, self.top_k, progress=progress)
+        self.host = None
+        self._decoders: dict = {}
+        if self.device.type == "cuda":
+            self._init_host_tier(sdtype, total, progress)
+        if self.config.warm_start:
+            self.warm_up()
+        self.tokenizer = self._load_tokenizer()
+        self.max_context = int(getattr(self.hf_config, "max_position_embeddings", 2048))
+        self.eos_ids = self._eos_ids()
 
+    # ---- set-up phases -------------------------------------------------------------------------------------
+    def _open_checkpoint(self, path) -> None:
+        """The checkpoint, its architecture and config, the routed experts' layout; device-wide settings."""
+        if path is None:
             path = demo_model_path()
         self.path = Path(path)
         self.device = parse_device(self.config.device)
@@ -84,13 +106,23 @@ class Engine:
             threads = 1  # tiny matmuls: intra-op threading costs more than it gains (100x on a busy 2-core box)
         if threads:
             torch.set_num_threads(threads)
+        if self.device.type == "cuda":
+            # cuDNN's attention backend plans a graph per new sequence length, i.e. at every decode step (about
+            # 7 ms per layer measured on an H100 with torch 2.11); flash / memory-efficient kernels need no plan.
+            # Process-wide; MOELITE_CUDNN_SDPA=1 keeps it.
+            if os.environ.get("MOELITE_CUDNN_SDPA") != "1":
+                torch.backends.cuda.enable_cudnn_sdp(False)
         self.num_experts = adapter.num_experts(self.hf_config)
         self.top_k = adapter.top_k(self.hf_config)
         if not 1 <= self.top_k <= self.num_experts:
             raise CheckpointError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and the "
                                   f"number of routed experts ({self.num_experts}); fix the checkpoint's config")
-        self.layout = layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
+        self.layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
 
+    def _size_budget(self) -> tuple[torch.dtype, int, int]:
+        """Dtypes, dense bytes and the expert budget in slots, refused with the numbers when it is below one
+        layer's top-k or cannot fit; returns (slot dtype, slots, bytes of all routed experts in slots)."""
+        layout, ckpt = self.layout, self.checkpoint
         self.dtype = torch.float32 if self.device.type == "cpu" or not layout.disk_dtype.is_floating_point \
             else layout.disk_dtype
         sdtype = slot_dtype(self.config, self.device, layout.disk_dtype)
@@ -111,17 +143,9 @@ class Engine:
             budget_value = auto.bytes
         n_slots, budget = resolve_budget(budget_value, total, slot_bytes)
         n_slots = min(n_slots, len(layout.experts))
+        if self.budget_note is None:  # a budget of every expert or more: say so ("all experts resident")
+            self.budget_note = resident_note(self.config.expert_budget, budget, total)
         n_layers = len(layout.layers)
-        profile = self.config.substitution_profile
-        if profile is not None and len(profile) != n_layers:
-            raise ValueError(f"substitution_profile: {len(profile)} multipliers for the {n_layers} MoE layers of "
-                             f"this model; give one per MoE layer (calibrate it with `moelite calibrate`)")
-        cal_layers, cal_experts = getattr(profile, "layers", None), getattr(profile, "num_experts", None)
-        if (cal_layers is not None and list(cal_layers) != list(layout.layers)) or \
-                (cal_experts is not None and cal_experts != self.num_experts):
-            raise ValueError(f"substitution_profile: calibrated on MoE layers {list(cal_layers or [])} with "
-                             f"{cal_experts} experts, but this model has MoE layers {list(layout.layers)} with "
-                             f"{self.num_experts}; calibrate this model with `moelite calibrate`")
         need = self.top_k * (n_layers if self.config.cache_scope == "layer" else 1)
         if n_slots < need:
             scope = f" x {n_layers} layers (cache_scope='layer')" if self.config.cache_scope == "layer" else ""
@@ -131,12 +155,6 @@ class Engine:
                 f"({format_bytes(need * slot_bytes)}); raise the budget to at least that "
                 f"(all routed experts: {format_bytes(total)})")
         self.budget_bytes = budget
-        if self.device.type == "cuda":
-            # cuDNN's attention backend plans a graph per new sequence length, i.e. at every decode step (about
-            # 7 ms per layer measured on an H100 with torch 2.11); flash / memory-efficient kernels need no plan.
-            # Process-wide; MOELITE_CUDNN_SDPA=1 keeps it.
-            if os.environ.get("MOELITE_CUDNN_SDPA") != "1":
-                torch.backends.cuda.enable_cudnn_sdp(False)
         if self.config.expert_budget != "auto":  # a budget the user gave: refuse it now if it cannot fit
             fit = auto_budget(self.device, self.dense_bytes, self.hf_config, self.dtype, total)
             if n_slots * slot_bytes > fit.bytes:
@@ -146,45 +164,42 @@ class Engine:
                     f"({fit.source}) - {format_bytes(fit.dense)} dense weights - {format_bytes(fit.kv_cache)} KV cache "
                     f"- {format_bytes(fit.headroom)} headroom leaves {format_bytes(fit.bytes)} "
                     f"({fit.bytes / total:.0%} of the routed experts); give at most that, or expert_budget='auto'")
+        return sdtype, n_slots, total
 
+    def _check_profile(self) -> None:
+        """A substitution profile must have been calibrated on this model's MoE layers."""
+        layout, profile = self.layout, self.config.substitution_profile
+        n_layers = len(layout.layers)
+        if profile is not None and len(profile) != n_layers:
+            raise ValueError(f"substitution_profile: {len(profile)} multipliers for the {n_layers} MoE layers of "
+                             f"this model; give one per MoE layer (calibrate it with `moelite calibrate`)")
+        cal_layers, cal_experts = getattr(profile, "layers", None), getattr(profile, "num_experts", None)
+        if (cal_layers is not None and list(cal_layers) != list(layout.layers)) or \
+                (cal_experts is not None and cal_experts != self.num_experts):
+            raise ValueError(f"substitution_profile: calibrated on MoE layers {list(cal_layers or [])} with "
+                             f"{cal_experts} experts, but this model has MoE layers {list(layout.layers)} with "
+                             f"{self.num_experts}; calibrate this model with `moelite calibrate`")
+
+    def _build_expert_manager(self, sdtype: torch.dtype, n_slots: int) -> None:
+        """Slot pool, reader, cache and loader, and the expert manager over them (SMoE's cache router installed:
+        it runs only while a call's alpha > 0)."""
+        cfg, layout = self.config, self.layout
         self.pool = SlotPool(layout, n_slots, sdtype, self.device)
         if self.device.type == "cpu":
             self.pool.buffer.zero_()  # touch every page now: memory that is not there fails here, not mid-request
-        self.reader = ExpertReader(layout, self.pool, drop_page_cache=self.config.drop_page_cache)
-        policy = make_policy(self.config.cache_policy, self.config.score_window)
-        cache = ExpertCache(n_slots, slot_bytes, policy, layout.layers, self.config.cache_scope)
-        loader = Loader(self.reader, self.config.io_threads) if self.config.io_threads > 0 else None
-        self.manager = ExpertManager(self.pool, cache, self.reader, act_fn=None, loader=loader,
-                                     miss_policy=self.config.miss_policy, prefetch=self.config.prefetch,
-                                     prefetch_experts=self.config.prefetch_experts)
-        self.manager.substitute_in_prefill = self.config.substitute_in_prefill
-        self.manager.substitution_mode = self.config.substitution_mode
-        self.manager.io_parallel = max(1, self.config.io_threads)
-        self.manager.substitute = cache_router  # SMoE Algorithm 1; runs only while alpha > 0
-        if profile is not None:
-            self.manager.alpha_scale = dict(zip(layout.layers, profile))
+        self.reader = ExpertReader(layout, self.pool, drop_page_cache=cfg.drop_page_cache)
+        policy = make_policy(cfg.cache_policy, cfg.score_window)
+        cache = ExpertCache(n_slots, self.pool.slot_bytes, policy, layout.layers, cfg.cache_scope)
+        loader = Loader(self.reader, cfg.io_threads) if cfg.io_threads > 0 else None
+        self.manager = ExpertManager(self.pool, cache, self.reader, ManagerOptions.from_config(cfg, layout.layers),
+                                     loader=loader, hook=cache_router)
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
-            self.manager.observers.append(
-                lambda layer, routing, is_decode: is_decode and policy.observe_scores(layer, routing.probs.mean(0)))
-        self.model = build_model(ckpt, adapter, self.hf_config, layout, self.reader, self.manager, self.device,
-                                 self.dtype, self.top_k, progress=progress)
-        self.host = None
-        self._decoders: dict = {}
-        if self.device.type == "cuda":
-            self._init_host_tier(sdtype, total, progress)
-        if self.config.warm_start:
-            self.warm_up()
-        self.tokenizer = self._load_tokenizer()
-        self.max_context = int(getattr(self.hf_config, "max_position_embeddings", 2048))
-        self.eos_ids = self._eos_ids()
-        self.lock = threading.RLock()
-        self.requests = 0
+            self.manager.add_observer(lambda layer, routing, phase: phase == DECODE and policy.observe_scores(
+                layer, routing.probs.mean(0)))
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _init_host_tier(self, sdtype: torch.dtype, total: int, progress: bool) -> None:
         """CUDA: routed experts in pinned host RAM under the VRAM slots, and the fused expert path over them."""
-        from moelite.core.cuda_experts import CudaExperts
-
         hb = self.config.host_budget
         if hb in (0, "0"):
             return
@@ -197,8 +212,9 @@ class Engine:
         else:
             nbytes = min(total, resolve_budget(hb, total, 1)[1])
         self.host = HostTier(self.layout, self.reader, sdtype, nbytes, progress=progress)
-        self.manager.cuda = CudaExperts(self.manager, self.host, backend=self.config.expert_kernel)
-        self.manager.cuda.warm()  # VRAM slots start full: a copy from pinned RAM costs little
+        cuda = CudaExperts(self.manager, self.host, backend=self.config.expert_kernel)
+        self.manager.use_cuda(cuda)
+        cuda.warm()  # VRAM slots start full: a copy from pinned RAM costs little
 
     def _decoder(self, batch: int, positions: int) -> StaticDecoder:
         """The static-cache decoder (and its CUDA graph) for this batch size and cache length bucket."""
@@ -233,8 +249,6 @@ class Engine:
         gen = self.path / "generation_config.json"
         sources = [getattr(self.hf_config, "eos_token_id", None)]
         if gen.is_file():
-            import json
-
             try:
                 sources.append(json.loads(gen.read_text()).get("eos_token_id"))
             except ValueError:
@@ -251,37 +265,24 @@ class Engine:
     def preload(self, experts, wait: bool = True) -> int:
         """Read the given experts ((layer, expert) pairs, or {layer: [experts]}) into the cache ahead of use, in
         the order given, stopping when no slot can be freed; returns how many reads were started. These reads
-        count as neither hits nor misses; a later use of a preloaded expert is an exact hit."""
+        count as neither hits nor misses; a later use of a preloaded expert is an exact hit (a read in flight
+        while it has not landed, with wait=False)."""
         if isinstance(experts, dict):
             experts = [(layer, e) for layer, es in experts.items() for e in es]
-        m, started = self.manager, 0
+        keys = []
+        for layer, e in experts:
+            key = (int(layer), int(e))
+            if key[0] not in self.manager.blocks or not 0 <= key[1] < self.num_experts:
+                raise ValueError(f"preload: ({layer}, {e}) is not an expert of this model (MoE layers "
+                                 f"{self.layout.layers}, experts 0..{self.num_experts - 1})")
+            keys.append(key)
         with self.lock:
-            for layer, e in experts:
-                key = (int(layer), int(e))
-                if key[0] not in m.blocks or not 0 <= key[1] < self.num_experts:
-                    raise ValueError(f"preload: ({layer}, {e}) is not an expert of this model (MoE layers "
-                                     f"{self.layout.layers}, experts 0..{self.num_experts - 1})")
-                if m.cache.resident(key) or key in m.inflight:
-                    continue
-                if not m._submit(key, is_prefetch=False):
-                    break
-                started += 1
-            if wait:
-                for key in [k for k in m.inflight]:
-                    m.cache.unpin(m._finish(key))
-        return started
+            return self.manager.preload(keys, wait)
 
-    def warm_up(self) -> None:
-        """Fill free slots with experts in layer order (SMoE's warm start)."""
-        cache = self.manager.cache
-        for layer in self.layout.layers:
-            for e in range(self.num_experts):
-                if not cache.free[layer]:
-                    break
-                if not cache.resident((layer, e)):
-                    slot = cache.acquire((layer, e))
-                    self.reader.read_into((layer, e), slot)
-                    cache.commit((layer, e), slot, count_miss=False)
+    def warm_up(self) -> int:
+        """Fill free slots with experts in layer order (SMoE's warm start); returns how many were read."""
+        with self.lock:
+            return self.manager.warm_start()
 
     # ---- forward -------------------------------------------------------------------------------------------
     def _check_ids(self, input_ids) -> torch.Tensor:
@@ -304,20 +305,17 @@ class Engine:
         return input_ids.long().to(self.device)
 
     @contextmanager
-    def _request_alpha(self, alpha):
-        """The substitution alpha of one call; the engine's own afterwards, so that no call inherits another's."""
-        m = self.manager
-        m.alpha = alpha
-        try:
-            yield
-        finally:
-            m.alpha = self.config.substitution_alpha
+    def request(self, **state):
+        """Per-call state for the calls inside, under the engine's lock: any of alpha, hook, in_prefill and
+        alpha_scale (see `ExpertManager.request`); the engine's own state again on exit, exceptions included."""
+        with self.lock, self.manager.request(**state) as call:
+            yield call
 
     @torch.inference_mode()
     def logits(self, input_ids) -> torch.Tensor:
         """A full forward: scored as prefill (substitution only with substitute_in_prefill), at the engine's alpha."""
         ids = self._check_ids(input_ids)
-        with self.lock, self._request_alpha(self.config.substitution_alpha), self.manager.prefilling():
+        with self.request(alpha=self.config.substitution_alpha), self.manager.prefilling():
             out = self.model(input_ids=ids, use_cache=False).logits
         return out.float().cpu()
 
@@ -328,7 +326,11 @@ class Engine:
                 raise ValueError(f"prompt: the model folder {self.path.name!r} has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt, add_special_tokens=True)
         else:
-            ids = list(prompt)
+            try:
+                ids = [operator.index(i) for i in prompt]
+            except TypeError:
+                raise ValueError(f"prompt: {type(prompt).__name__} is neither a string nor a list of token ids "
+                                 "(ints)") from None
         if not ids:
             raise ValueError("prompt: empty; give at least one token of text")
         return ids
@@ -338,103 +340,76 @@ class Engine:
             return " ".join(map(str, ids))
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _params(self, max_tokens, temperature, top_p, top_k, stop, seed) -> SamplingParams:
-        return SamplingParams(max_tokens, temperature, top_p, top_k, tuple([stop] if isinstance(stop, str) else stop or ()),
-                              seed).validate()
+    def sampling_params(self, max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95, top_k: int = 0,
+                        stop=(), seed: int | None = None) -> SamplingParams:
+        """Validated sampling parameters; a ValueError names the field and what is allowed."""
+        stop = tuple([stop] if isinstance(stop, str) else stop or ())
+        return SamplingParams(max_tokens, temperature, top_p, top_k, stop, seed).validate()
 
-    @torch.inference_mode()
-    def _tokens(self, prompt_ids: list[int], params: SamplingParams, stats: dict) -> Iterator[int]:
-        """Yield generated token ids one by one (KV-cached decode)."""
-        if len(prompt_ids) + params.max_tokens > self.max_context:
-            raise ValueError(f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                             f"exceeds the model context of {self.max_context}")
+    def check_prompt(self, ids: list[int], max_tokens: int, name: str = "prompt") -> None:
+        """Refuse, before any model work, a prompt whose ids are outside the vocabulary or that leaves no room for
+        `max_tokens` in the model's context."""
+        if len(ids) + max_tokens > self.max_context:
+            raise ValueError(f"max_tokens: {name} ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the model "
+                             f"context of {self.max_context}")
         vocab = self.hf_config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise ValueError(f"prompt: token ids must be in [0, {vocab})")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        dec = self._decoder(1, len(prompt_ids) + params.max_tokens) if self.manager.cuda is not None else None
-        if dec is not None and not dec.sliding:  # CUDA: static KV cache, decode steps as CUDA graphs
-            def first() -> torch.Tensor:
-                return dec.prefill([prompt_ids])[0]
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"{name}: token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
 
-            def after(tok: int) -> torch.Tensor:
-                return dec.step([tok])[0]
-        else:
-            dec = None
-            cache = DynamicCache(config=self.hf_config)
-
-            def forward(ids: list[list[int]]) -> torch.Tensor:
-                ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                return out.logits[0, -1].float().cpu()
-
-            def first() -> torch.Tensor:
-                with self.manager.prefilling():  # the prompt, whatever its length, is prefill
-                    return forward([prompt_ids])
-
-            def after(tok: int) -> torch.Tensor:
-                return forward([[tok]])
-        t0 = time.perf_counter()
-        logits = first()
+    def _run(self, runner, seqs: list[Sequence]) -> Iterator[str]:
+        """Step a batcher of this call's own over `seqs` until all are done (the one decode loop, in this thread),
+        yielding text pieces as they are emitted. A failed prefill raises its exception here."""
+        pieces: list[str] = []
+        for s in seqs:
+            s.emit = lambda ev: ev[0] == "text" and pieces.append(ev[1])
+        admit_all = SchedulerConfig(mode="fcfs", max_batch=len(seqs), token_budget=sum(s.kv_tokens for s in seqs))
+        batcher = Batcher(self, Scheduler(admit_all, max_context=self.max_context), max_queue=len(seqs),
+                          runner=runner)
+        for s in seqs:
+            batcher.submit(s)
         try:
-            for step in range(params.max_tokens):
-                tok = sample(logits, params, gen)
-                if step == 0:
-                    stats["ttft_s"] = time.perf_counter() - t0
-                    t_dec = time.perf_counter()
-                stats["completion_tokens"] = step + 1
-                stats["decode_s"] = time.perf_counter() - t_dec
-                yield tok
-                if step + 1 < params.max_tokens:
-                    logits = after(tok)
+            while True:
+                running = batcher.step()
+                yield from pieces
+                pieces.clear()
+                for s in seqs:
+                    if s.error is not None:
+                        raise s.error
+                if not running:
+                    if batcher.queue_depth():
+                        raise RuntimeError("the batcher admitted none of this call's sequences")
+                    return
         finally:
-            if dec is not None:
-                dec.flush()  # the last step's bookkeeping, before the request's counters are read
+            runner.flush()  # the last step's bookkeeping, before the request's counters are read
 
     def stream(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                top_k: int = 0, stop=(), seed: int | None = None, substitution_alpha: float | None = None,
                _result: dict | None = None) -> Iterator[str]:
-        """Yield text pieces as they decode; `_result` (if given) receives the final `Generation`."""
-        params = self._params(max_tokens, temperature, top_p, top_k, stop, seed)
+        """Yield text pieces as they decode; `_result` (if given) receives the final `Generation`. A batch of one
+        through the batcher's step (serve/batching.py), in this thread, under the engine's lock: on CUDA without
+        a sliding window over the static-cache decoder (CUDA graphs), otherwise with a DynamicCache."""
+        params = self.sampling_params(max_tokens, temperature, top_p, top_k, stop, seed)
         alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
         prompt_ids = self.encode(prompt)
-        with self.lock, self._request_alpha(alpha):
-            before = _counters(self)
-            stats: dict = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0}
-            out_ids: list[int] = []
-            emitted = ""
-            finish = "length"
-            text = ""
-            for tok in self._tokens(prompt_ids, params, stats):
-                if tok in self.eos_ids:
-                    finish = "eos"
-                    break
-                out_ids.append(tok)
-                text = self.decode(out_ids)
-                hit = [text.find(s) for s in params.stop if s in text]
-                if hit:
-                    text = text[: min(hit)]
-                    finish = "stop"
-                if text.endswith("\ufffd") and finish != "stop":
-                    continue  # incomplete UTF-8 sequence: wait for the next token
-                if len(text) > len(emitted) and text.startswith(emitted):
-                    piece, emitted = text[len(emitted):], text
-                    yield piece
-                if finish == "stop":
-                    break
-            text = text if finish == "stop" else self.decode(out_ids)
-            if len(text) > len(emitted) and text.startswith(emitted):
-                yield text[len(emitted):]
-            self.requests += 1
-            after = _counters(self)
-            stats.update({k: after[k] - before[k] for k in after})
-            n_exp = stats["expert_hits"] + stats["expert_misses"]
-            stats["expert_hit_rate"] = stats["expert_hits"] / n_exp if n_exp else 0.0
-            dec = stats.get("decode_s", 0.0)
-            stats["decode_tok_s"] = (stats["completion_tokens"] - 1) / dec if dec > 0 else 0.0
-            stats["substitution_alpha"] = alpha
-            if _result is not None:
-                _result["generation"] = Generation(text, out_ids, len(prompt_ids), finish, stats)
+        self.check_prompt(prompt_ids, params.max_tokens)
+        with self.request(alpha=alpha):
+            before = self.counters()
+            runner = DynamicRunner(self)
+            if self.manager.cuda is not None:  # CUDA: static KV cache, decode steps as CUDA graphs
+                dec = self._decoder(1, len(prompt_ids) + params.max_tokens)
+                if not dec.sliding:
+                    runner = StaticRunner(dec)
+            seq = Sequence(prompt_ids, params, alpha=alpha)
+            yield from self._run(runner, [seq])
+            spent = self.counters() - before
+        n = len(seq.out_ids) + (seq.finish == "eos")  # tokens sampled, an eos included
+        stats = {"prompt_tokens": len(prompt_ids), "completion_tokens": n, "ttft_s": seq.t_first - seq.t_admit,
+                 "decode_s": seq.t_last - seq.t_first}
+        stats.update(spent.report())  # this request's counts and rates (moelite.core.counters)
+        stats["decode_tok_s"] = (n - 1) / stats["decode_s"] if stats["decode_s"] > 0 else 0.0
+        stats["substitution_alpha"] = alpha
+        if _result is not None:
+            _result["generation"] = Generation(seq.text, list(seq.out_ids), len(prompt_ids), seq.finish, stats)
 
     def generate(self, prompt: str | list[int], max_tokens: int = 64, temperature: float = 0.8, top_p: float = 0.95,
                  top_k: int = 0, stop=(), seed: int | None = None,
@@ -445,15 +420,15 @@ class Engine:
             pass
         return box["generation"]
 
-    @torch.inference_mode()
     def generate_batch(self, prompts: list, max_tokens: int = 64, temperature: float = 0.0, top_p: float = 0.95,
                        top_k: int = 0, seed: int | None = None,
                        substitution_alpha: float | None = None) -> list[Generation]:
         """Decode several prompts in lock step: one forward per step for all of them over a static KV cache (a CUDA
-        graph per batch size on CUDA). Greedy output equals `generate(..., temperature=0)` of each prompt alone up
-        to float rounding. Each result's stats carry the batch's `batch_decode_tok_s` (all rows' decode tokens
-        over the decode time)."""
-        params = self._params(max_tokens, temperature, top_p, top_k, (), seed)
+        graph per batch size on CUDA), through the batcher's step with a `StaticRunner`. Each row samples with its
+        own generator (seeded by `seed`), so its output equals `generate(prompt, ..., seed=seed)` alone up to float
+        rounding. Each result's stats carry the batch's `batch_decode_tok_s` (all rows' decode tokens over the
+        decode time)."""
+        params = self.sampling_params(max_tokens, temperature, top_p, top_k, (), seed)
         alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (list, tuple)):
             raise ValueError("prompts: give a list of prompts (strings or token-id lists); for one prompt use "
@@ -461,61 +436,62 @@ class Engine:
         if not prompts:
             raise ValueError("prompts: empty list; give at least one prompt")
         ids = [self.encode(p) for p in prompts]
-        vocab = self.hf_config.vocab_size
         for i, p in enumerate(ids):
-            if min(p) < 0 or max(p) >= vocab:
-                raise ValueError(f"prompts[{i}]: token ids must be in [0, {vocab})")
-        longest = max(len(p) for p in ids)
-        if longest + max_tokens > self.max_context:
-            raise ValueError(f"max_tokens: the longest prompt ({longest} tokens) + max_tokens ({max_tokens}) exceeds "
-                             f"the model context of {self.max_context}")
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        n = len(ids)
-        with self.lock, self._request_alpha(alpha):
-            before = _counters(self)
+            self.check_prompt(p, params.max_tokens, f"prompts[{i}]")
+        longest, n = max(len(p) for p in ids), len(ids)
+        with self.request(alpha=alpha):
+            before = self.counters()
             dec = self._decoder(n, longest + max_tokens)
             window = getattr(self.hf_config, "sliding_window", None)
             if dec.sliding and window and longest + max_tokens > window:
                 raise ValueError(f"max_tokens: generate_batch on this sliding-window model stays within its window "
                                  f"of {window} positions; the longest prompt ({longest}) + max_tokens ({max_tokens}) "
                                  "exceeds it; use generate() for longer outputs")
-            t0 = time.perf_counter()
-            logits = dec.prefill(ids)
-            ttft = time.perf_counter() - t0
-            outs: list[list[int]] = [[] for _ in ids]
-            finish = ["length"] * n
-            done = [False] * n
-            t_dec = time.perf_counter()
-            steps = 0
-            try:
-                for step in range(max_tokens):
-                    toks = [sample(logits[b], params, gen) for b in range(n)]
-                    for b, tok in enumerate(toks):
-                        if done[b]:
-                            continue
-                        if tok in self.eos_ids:
-                            done[b], finish[b] = True, "eos"
-                        else:
-                            outs[b].append(tok)
-                    if all(done) or step + 1 == max_tokens:
-                        break
-                    logits = dec.step(toks)
-                    steps += 1
-            finally:
-                dec.flush()  # this request's last step is counted in its own stats, not the next request's
-            dec_s = time.perf_counter() - t_dec
-            self.requests += n
-            after = _counters(self)
-        shared = {k: after[k] - before[k] for k in after}
-        shared.update(batch_size=n, ttft_s=ttft, decode_s=dec_s, decode_steps=steps,
-                      batch_decode_tok_s=n * steps / dec_s if dec_s > 0 else 0.0, substitution_alpha=alpha)
-        return [Generation(self.decode(o), o, len(p), f, {**shared, "completion_tokens": len(o)})
-                for o, p, f in zip(outs, ids, finish)]
+            seqs = [Sequence(p, params, alpha=alpha) for p in ids]
+            for _ in self._run(StaticRunner(dec), seqs):
+                pass
+            t_end = time.monotonic()
+            spent = self.counters() - before
+        t_first = min(s.t_first for s in seqs)  # all rows pick their first token after the one prefill
+        steps = max(len(s.out_ids) + (s.finish == "eos") for s in seqs) - 1  # the rows step together
+        dec_s = t_end - t_first
+        shared = spent.report()  # the batch's counts and rates, shared by its rows
+        shared.update(batch_size=n, ttft_s=t_first - min(s.t_admit for s in seqs), decode_s=dec_s,
+                      decode_steps=steps, batch_decode_tok_s=n * steps / dec_s if dec_s > 0 else 0.0,
+                      substitution_alpha=alpha)
+        return [Generation(s.text, list(s.out_ids), len(s.prompt_ids), s.finish,
+                           {**shared, "completion_tokens": len(s.out_ids)}) for s in seqs]
+
+    def teacher_force(self, ids: list[int], start: int, substitution_alpha: float | None = None) -> torch.Tensor:
+        """Logits of ids[start:] teacher-forced through the decode path -> float32 [len(ids) - start, V], row t
+        predicting ids[start + t]: ids[:start - 1] are prefilled, then ids[start - 1:-1] are fed one per decode
+        step, as generation feeds its tokens (so substitution applies exactly as in `generate`). One forced
+        sequence through the batcher's step; the alpha is this call's."""
+        ids = self.encode(ids)
+        if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < len(ids):
+            raise ValueError(f"start: {start!r} must be an int in [1, {len(ids)})")
+        vocab = self.hf_config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"ids: token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        alpha = check_alpha(self.config.substitution_alpha if substitution_alpha is None else substitution_alpha)
+        forced = ids[start - 1:]
+        seq = Sequence(ids[:start - 1], SamplingParams(max_tokens=len(forced), temperature=0.0).validate(),
+                       alpha=alpha, forced=forced)
+        with self.request(alpha=alpha):
+            for _ in self._run(DynamicRunner(self), [seq]):
+                pass
+        return torch.stack(seq.logits[1:])  # row 0 is the prefill's, not a decode step's
 
     # ---- stats ---------------------------------------------------------------------------------------------
+    def counters(self) -> Snapshot:
+        """The engine's counters now (immutable; `after - before` is what happened in between, `.report()` names
+        the metrics: moelite.core.counters)."""
+        return self.manager.counters.snapshot()
+
     def stats(self) -> dict:
-        c, m, r = self.manager.cache, self.manager, self.reader
-        n = c.hits + c.misses
+        """Totals since load: configuration, memory, every counter and rate of `counters().report()`, the CUDA
+        path's own figures and per-layer counts."""
+        c = self.manager.cache
         return {
             "model": self.path.name,
             "model_type": self.checkpoint.model_type,
@@ -528,33 +504,17 @@ class Engine:
             "routed_expert_bytes": self.pool.slot_bytes * len(self.layout.experts),
             "resident_expert_bytes": c.resident_bytes,
             "resident_expert_bytes_peak": c.resident_peak,
-            "expert_hits": c.hits,
-            "expert_misses": c.misses,
-            "expert_hit_rate": _ratio(c.hits, n),
-            "expert_substitutions": m.substitutions,
-            "decode_hit_rate": _ratio(m.decode_hits, m.decode_hits + m.decode_misses),
-            "expert_evictions": c.evictions,
-            "prefetch_issued": m.prefetch_issued,
-            "prefetch_hits": m.prefetch_used,
-            "prefetch_wasted": m.prefetch_wasted,
-            "prefetch_precision": _ratio(m.prefetch_used, m.prefetch_used + m.prefetch_wasted),
-            "prefetch_recall": _ratio(m.prefetch_used, m.prefetch_used + m.decode_misses),
-            "misses_loaded": m.loaded_misses,
-            "misses_direct": m.direct_misses,
-            "expert_bytes_read": r.bytes_read,
-            "expert_read_errors": r.read_errors,
-            "io_seconds": r.io_seconds,
-            "stall_seconds": m.stall_seconds,
-            "expert_compute_seconds": m.compute_seconds,
+            **self.counters().report(),
             "requests": self.requests,
             **self._cuda_stats(),
-            "per_layer": {layer: vars(s).copy() for layer, s in sorted(m.layer_stats.items())},
+            "per_layer": self.manager.counters.per_layer(),
         }
 
     def _cuda_stats(self) -> dict:
-        if self.manager.cuda is None:
+        cu = self.manager.cuda
+        if cu is None:
             return {}
-        cu, decs = self.manager.cuda, list(self._decoders.values())
+        decs = list(self._decoders.values())
         return {"host_tier_experts": len(self.host), "host_tier_bytes": self.host.nbytes,
                 "host_tier_load_seconds": self.host.load_seconds, "h2d_gbps": cu.h2d_gbps,
                 "h2d_copies": cu.copies, "h2d_bytes": cu.copy_bytes, "cpu_computed_experts": cu.cpu_computed,
@@ -563,6 +523,7 @@ class Engine:
                 "graph_misses_loaded": cu.graph_misses_loaded}
 
     def close(self) -> None:
+        """Stop the background readers and close the shard files."""
         if self.manager.loader is not None:
             self.manager.loader.shutdown()
         self.reader.close()

@@ -9,14 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, OlmoeConfig,
+                          PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen3MoeConfig)
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 
 def tiny_config(arch: str, **overrides):
-    from transformers import (DeepseekV2Config, DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig,
-                              Qwen3MoeConfig)
-
     common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0, tie_word_embeddings=False)
@@ -53,8 +53,6 @@ def tiny_config(arch: str, **overrides):
 def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype=torch.float32, tokenizer: bool = False,
                          **overrides) -> Path:
     """Write a random `arch` checkpoint to `out`; weights scaled up so routing is decisive, not uniform."""
-    from transformers import AutoModelForCausalLM
-
     out = Path(out)
     torch.manual_seed(seed)
     cfg = tiny_config(arch, **overrides)
@@ -76,9 +74,6 @@ def make_tiny_checkpoint(arch: str, out: str | Path, seed: int = 0, dtype=torch.
 
 def write_byte_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE tokenizer with no merges beyond what fits `vocab_size` (for text I/O on random models)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     specials = ["<pad>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials)}

@@ -47,7 +47,7 @@ def test_join_and_leave_between_steps_and_one_moe_call_per_step(tiny):
     lens = [3, 9, 5, 12, 7]
     ref = [eng.generate(p, max_tokens=m, temperature=0).token_ids for p, m in zip(prompts, lens)]
     calls = []  # (layer, tokens) of every MoE call during decode
-    eng.manager.observers.append(lambda layer, routing, is_decode: is_decode and calls.append(
+    eng.manager.add_observer(lambda layer, routing, phase: phase == "decode" and calls.append(
         (layer, routing.idx.shape[0], len(set(routing.idx.flatten().tolist())))))
     b = Batcher(eng, max_batch=8)
     out, order = {}, []
@@ -62,7 +62,7 @@ def test_join_and_leave_between_steps_and_one_moe_call_per_step(tiny):
         b.step()
     add(4)
     while len(out) < 5:
-        lookups = eng.manager.cache.hits + eng.manager.cache.misses
+        before = eng.counters()
         n_batch, n_calls, queued = len(b.running), len(calls), b.queue_depth()
         b.step()
         joined = queued - b.queue_depth()  # prefilled in this step, then decoded with the others
@@ -71,7 +71,8 @@ def test_join_and_leave_between_steps_and_one_moe_call_per_step(tiny):
             assert len(step_calls) == len(eng.layout.layers)
             assert all(tok == n_batch + joined for _, tok, _ in step_calls)
             if not joined:  # each distinct expert looked up once per layer per step, not once per token
-                assert eng.manager.cache.hits + eng.manager.cache.misses - lookups == sum(u for *_, u in step_calls)
+                d = (eng.counters() - before).decode
+                assert d.hits + d.misses + d.in_flight == sum(u for *_, u in step_calls)
     assert [out[i]["token_ids"] for i in range(5)] == ref
     assert order[0] == 0 and b.running == [] and b.idle()
 
@@ -88,16 +89,17 @@ def test_per_sequence_alpha_reaches_moe_layers(tiny):
     eng = _engine(tiny, "qwen3_moe")
     seen = []
 
-    def hook(manager, layer, block, routing, alpha):  # a substitution hook that keeps the routing: records alpha
+    def hook(ctx, layer, block, routing, alpha):  # a routing hook that keeps the routing: records alpha
         seen.append(alpha.tolist() if isinstance(alpha, torch.Tensor) else alpha)
         return routing
-    eng.manager.substitute = hook
-    batch_generate(eng, _prompts(3, seed=4), max_tokens=3, temperature=0, substitution_alpha=[0.1, 0.0, 0.3])
-    tensors = [a for a in seen if isinstance(a, list)]
-    assert tensors and all(a == pytest.approx([0.1, 0.0, 0.3]) for a in tensors)  # [B], in sequence order
-    seen.clear()
-    batch_generate(eng, _prompts(2, seed=5), max_tokens=3, temperature=0, substitution_alpha=0.2)
-    assert seen and all(a == pytest.approx(0.2) for a in seen)  # same alpha: a float
+    with eng.request(hook=hook):
+        batch_generate(eng, _prompts(3, seed=4), max_tokens=3, temperature=0, substitution_alpha=[0.1, 0.0, 0.3])
+        tensors = [a for a in seen if isinstance(a, list)]
+        assert tensors and all(a == pytest.approx([0.1, 0.0, 0.3]) for a in tensors)  # [B], in sequence order
+        seen.clear()
+        batch_generate(eng, _prompts(2, seed=5), max_tokens=3, temperature=0, substitution_alpha=0.2)
+        assert seen and all(a == pytest.approx(0.2) for a in seen)  # same alpha: a float
+    assert eng.manager.alpha == 0.0  # each step's alpha ended with the step
     with pytest.raises(ValueError, match="substitution_alpha"):
         batch_generate(eng, _prompts(2), max_tokens=3, substitution_alpha=1.5)
 
@@ -227,7 +229,7 @@ def test_mixed_alphas_keep_the_exact_sequence_exact(tiny):
     eng.eos_ids = set()
     prompts = _prompts(3, seed=8)
     exact = eng.generate(prompts[1], max_tokens=10, temperature=0).token_ids
-    before = eng.manager.substitutions
+    before = eng.counters()
     got = batch_generate(eng, prompts, max_tokens=10, temperature=0, substitution_alpha=[0.5, 0.0, 0.5])
     assert got[1].token_ids == exact
-    assert eng.manager.substitutions > before  # the others did substitute
+    assert (eng.counters() - before).total.substitutions > 0  # the others did substitute

@@ -45,7 +45,7 @@ def test_simulator_matches_engine_lru(tiny):
     tr = Trace(rec.requests, *(__import__("numpy").concatenate(rec.rows[k]) for k in
                                ("request", "step", "layer", "token", "idx", "probs")))
     sim = simulate(tr, eng.pool.n_slots, "lru")["hit_rate"]
-    assert abs(sim - eng.stats()["decode_hit_rate"]) < 0.02
+    assert abs(sim - eng.stats()["decode_exact_hit_rate"]) < 0.02
 
 
 def test_realshape_checkpoint_replays_trace(tmp_path, trace_file):
@@ -58,7 +58,7 @@ def test_realshape_checkpoint_replays_trace(tmp_path, trace_file):
     eng = moelite.load(out, expert_budget="25%", expert_dtype="float32")
     with torch.no_grad():
         assert (eng.logits(ids) - ref(ids).logits).abs().max() < 1e-4  # a standard checkpoint
-    eng.manager.replay = TraceReplay(Trace.load(trace_file), eng.layout.layers, decode_only=True)
+    eng.manager.set_replay(TraceReplay(Trace.load(trace_file), eng.layout.layers, decode_only=True))
     eng.generate(ids[0].tolist(), max_tokens=5, temperature=0)
     s = eng.stats()
     assert s["expert_misses"] > 0 and s["resident_expert_bytes_peak"] <= s["expert_budget_bytes"]
@@ -66,8 +66,8 @@ def test_realshape_checkpoint_replays_trace(tmp_path, trace_file):
 
 def test_bench_cli_end_to_end(tiny, tmp_path):
     path = tiny("qwen2_moe", tokenizer=True, **CFG)
-    r = subprocess.run([sys.executable, "-m", "moelite.cli", "bench", "--model", str(path), "--budgets", "25%",
-                        "--policies", "lru", "--n-prompts", "2", "--max-tokens", "4", "--no-prefetch",
+    r = subprocess.run([sys.executable, "-m", "moelite.cli", "bench", "--model", str(path), "--expert-budget", "25%",
+                        "--cache-policy", "lru", "--n-prompts", "2", "--max-tokens", "4", "--no-prefetch-row",
                         "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     last = json.loads(r.stdout.strip().splitlines()[-1])

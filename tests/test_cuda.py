@@ -96,6 +96,36 @@ def test_cuda_staging_buffer_not_overwritten_in_flight(tiny, io_threads):
     assert eng.stats()["expert_bytes_read"] > 0
 
 
+@pytest.mark.parametrize("io_threads", [0, 2])
+def test_cuda_direct_miss_waits_for_the_staging_copy(tiny, monkeypatch, io_threads):
+    """Pins: no host tier, miss_policy "hybrid": a loaded miss goes through this thread's pinned staging buffer and
+    an asynchronous copy into its slot; a direct miss read next into the same buffer must wait for that copy. On
+    commit 164b6cf (io_threads=0) it overwrote the buffer while the copy was still queued, so the loaded expert's
+    slot received the direct expert's bytes. A GPU sleep queued on the copy stream before every copy holds the
+    copies back, so that any overwrite lands under a queued copy."""
+    from moelite.core.expert_store import ExpertReader
+
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=4, hidden_size=256,
+                moe_intermediate_size=512)
+    ref = _reference(path)
+    eng = moelite.load(path, device="cuda", expert_budget="25%", expert_dtype="float32", host_budget=0,
+                       io_threads=io_threads, miss_policy="hybrid")
+    real = ExpertReader.read_bytes
+
+    def read_then_hold_the_copy_stream(self, key, dest):
+        real(self, key, dest)
+        if self.copy_stream is not None:
+            with torch.cuda.stream(self.copy_stream):
+                torch.cuda._sleep(20_000_000)  # the copy queued after this read starts ~10 ms later
+
+    monkeypatch.setattr(ExpertReader, "read_bytes", read_then_hold_the_copy_stream)
+    for seed in range(2):
+        ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(seed))
+        assert (eng.logits(ids) - ref.logits(ids)).abs().max() < 1e-3
+    s = eng.stats()
+    assert s["misses_loaded"] > 0 and s["misses_direct"] > 0  # both paths ran in the same layers
+
+
 def test_cuda_partial_host_tier_reads_the_rest_from_ssd(tiny):
     path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=4)
     ref = _reference(path)

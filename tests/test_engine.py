@@ -1,11 +1,14 @@
-"""Engine behaviour: budgets, generation parameters, streaming, stats."""
+"""Engine behaviour: budgets, generation parameters, streaming, stats; generate, stream, generate_batch and
+teacher forcing all run through the batcher's one step."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import moelite
 from moelite.config import EngineConfig, parse_budget
+from moelite.serve.batching import Batcher
+from moelite.serve.runner import DynamicRunner
 
 
 def test_parse_budget_forms():
@@ -130,6 +133,120 @@ def test_one_token_prompt_prefill_is_not_counted_as_decode(tiny, one_thread):
         eng = moelite.load(path, expert_budget="25%")
         eng.eos_ids = set()
         eng.generate(prompt, max_tokens=4, temperature=0)
-        m = eng.manager
-        counts.append(m.decode_hits + m.decode_misses)
+        d = eng.counters().decode
+        counts.append(d.hits + d.misses + d.in_flight + d.substitutions)
     assert counts[0] == counts[1] == 3 * 4 * len(eng.layout.layers)  # 3 decode steps x top-4 x MoE layers
+
+
+# ---- one decode loop -----------------------------------------------------------------------------------------
+@torch.inference_mode()
+def _greedy_reference(eng, prompt: list[int], n: int) -> list[int]:
+    """Greedy decode as a plain loop over the model: prefill, then one forward per token (the engine's own loop
+    before it became a batch of one)."""
+    cache, out = DynamicCache(config=eng.hf_config), []
+    with eng.manager.prefilling():
+        logits = eng.model(input_ids=torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[0, -1]
+    for _ in range(n):
+        out.append(int(logits.argmax()))
+        logits = eng.model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return out
+
+
+@pytest.fixture
+def count_steps(monkeypatch):
+    calls = []
+    step = Batcher.step
+
+    def counting(self):
+        calls.append(type(self.runner).__name__)
+        return step(self)
+    monkeypatch.setattr(Batcher, "step", counting)
+    return calls
+
+
+def test_generate_stream_and_batch_are_steps_of_the_batcher(tiny, one_thread, count_steps):
+    path = tiny("olmoe", tokenizer=True)
+    eng = moelite.load(path, expert_budget="25%")
+    eng.eos_ids = set()
+    prompt = eng.encode("hello there")
+    want = _greedy_reference(moelite.load(path, expert_budget="100%"), prompt, 12)
+    g = eng.generate(prompt, max_tokens=12, temperature=0)
+    assert g.token_ids == want and g.text == eng.decode(want) and g.finish_reason == "length"
+    assert count_steps == ["DynamicRunner"] * 11  # step 1: prefill + first token + a decode step; then one each
+    count_steps.clear()
+    assert "".join(eng.stream(prompt, max_tokens=12, temperature=0)) == g.text and len(count_steps) == 11
+    count_steps.clear()
+    batch = eng.generate_batch([prompt, prompt[:2]], max_tokens=6, temperature=0)
+    assert batch[0].token_ids == want[:6] and batch[0].stats["decode_steps"] == 5
+    assert count_steps == ["StaticRunner"] * 5
+    count_steps.clear()
+    before = eng.counters()
+    for bad in (dict(prompt=[1, 10 ** 6]), dict(prompt=prompt, max_tokens=10 ** 4), dict(prompt=[])):
+        with pytest.raises(ValueError, match="prompt|max_tokens"):
+            eng.generate(**bad)
+    assert count_steps == [] and (eng.counters() - before).total.evaluations == 0  # refused before model work
+
+
+def test_batch_one_decode_is_the_plain_forward(tiny, one_thread, monkeypatch):
+    """One running sequence decodes with one plain model call per token (no per-layer walk)."""
+    eng = moelite.load(tiny("qwen2_moe"), expert_budget="50%")
+    eng.eos_ids = set()
+    calls = []
+    forward = type(eng.model).forward
+
+    def counting(self, *a, **kw):
+        calls.append(kw["input_ids"].shape)
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(type(eng.model), "forward", counting)
+    eng.generate([5, 9, 14], max_tokens=5, temperature=0)
+    assert calls == [(1, 3)] + [(1, 1)] * 4
+
+
+def test_failed_prefill_raises_its_error_and_leaves_the_engine_usable(tiny, one_thread, monkeypatch):
+    eng = moelite.load(tiny("mixtral"), expert_budget="50%")
+    eng.eos_ids = set()
+    want = eng.generate([5, 9], max_tokens=4, temperature=0).token_ids
+
+    def boom(self, seqs):
+        raise RuntimeError("boom in prefill")
+    with monkeypatch.context() as mp:
+        mp.setattr(DynamicRunner, "prefill", boom)
+        with pytest.raises(RuntimeError, match="boom in prefill"):
+            eng.generate([5, 9], max_tokens=4, temperature=0, substitution_alpha=0.5)
+    assert eng.manager.alpha == 0.0 and eng.lock.acquire(blocking=False)
+    eng.lock.release()
+    assert eng.generate([5, 9], max_tokens=4, temperature=0).token_ids == want
+
+
+@torch.inference_mode()
+def _forced_reference(eng, ids, start):
+    """The teacher-forced decode path as a plain loop: prefill ids[:start-1], feed ids[start-1:-1] one by one."""
+    cache, rows = DynamicCache(config=eng.hf_config), []
+    if start > 1:
+        with eng.manager.prefilling():
+            eng.model(input_ids=torch.tensor([ids[:start - 1]]), past_key_values=cache, use_cache=True)
+    for t in range(start - 1, len(ids) - 1):
+        rows.append(eng.model(input_ids=torch.tensor([[ids[t]]]), past_key_values=cache, use_cache=True).logits[0, -1])
+    return torch.stack(rows).float()
+
+
+def test_teacher_force_is_a_forced_sequence_with_a_per_call_alpha(tiny, one_thread, count_steps):
+    path = tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=3)
+    ids = torch.randint(3, 128, (14,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = moelite.load(path, expert_budget="100%")
+    for start in (1, 5):
+        want = _forced_reference(ref, ids, start)
+        got = moelite.load(path, expert_budget="25%").teacher_force(ids, start)
+        assert got.shape == (len(ids) - start, 128) and (got - want).abs().max() < 1e-5
+    assert count_steps and set(count_steps) == {"DynamicRunner"}
+    eng = moelite.load(path, expert_budget="25%")
+    before = eng.counters()
+    sub = eng.teacher_force(ids, 1, substitution_alpha=0.7)
+    spent = (eng.counters() - before)
+    assert spent.decode.substitutions > 0 and spent.prefill.evaluations == 0  # start=1: every row is a decode step
+    assert eng.manager.alpha == 0.0 and (sub - _forced_reference(ref, ids, 1)).abs().max() > 1e-4
+    exact = eng.teacher_force(ids, 1)  # the alpha ended with the call that set it
+    assert (exact - _forced_reference(ref, ids, 1)).abs().max() < 1e-5
+    assert eng.stats()["requests"] == 0  # scoring is not a request
+    with pytest.raises(ValueError, match="start"):
+        eng.teacher_force(ids, len(ids))

@@ -137,8 +137,8 @@ def test_eval_sweep_and_tune_cli(tiny, tmp_path, capsys):
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question. " * 6)
     rc, out, err = _cli(capsys, "eval", "--model", str(path), "--text", str(text), "--alpha-sweep", "0,0.5",
-                        "--max-tokens", "24", "--window", "32", "--stride", "16", "--speed-prompts", "2",
-                        "--speed-tokens", "4", "--out", str(tmp_path / "out"), "--num-threads", "1", "--json")
+                        "--score-tokens", "24", "--window", "32", "--stride", "16", "--speed-prompts", "2",
+                        "--max-tokens", "4", "--out", str(tmp_path / "out"), "--num-threads", "1", "--json")
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert [row["alpha"] for row in res["rows"]] == [0.0, 0.5]
@@ -146,13 +146,13 @@ def test_eval_sweep_and_tune_cli(tiny, tmp_path, capsys):
     assert sorted(p.suffix for p in (tmp_path / "out").iterdir()) == [".json", ".md", ".png"]
     assert all((tmp_path / "out" / f.split("/")[-1]).stat().st_size > 0 for f in res["files"])
     rc, out, err = _cli(capsys, "tune", "--model", str(path), "--target-tok-s", "0.001", "--alphas", "0,0.3",
-                        "--calibration-prompts", "2", "--tokens", "3", "--quality-text", str(text),
-                        "--quality-tokens", "20", "--num-threads", "1", "--json")
+                        "--n-prompts", "2", "--max-tokens", "3", "--quality-text", str(text),
+                        "--score-tokens", "20", "--num-threads", "1", "--json")
     assert rc == 0, err
     res = json.loads(out.strip().splitlines()[-1])
     assert res["met"] and res["alpha"] == 0.0 and res["quality"]["top1_agreement"] == 1.0
     assert len(res["measured"]) == 2 and all(p["tpot_ms"] > 0 for p in res["measured"])
     rc, out, err = _cli(capsys, "tune", "--model", str(path), "--target-tok-s", "-3")
-    assert rc == 2 and "target_tok_s" in err
+    assert rc == 2 and "--target-tok-s" in err
     rc, out, err = _cli(capsys, "eval", "--model", str(path), "--text", str(text), "--alpha-sweep", "0,1.5")
-    assert rc == 2 and "alpha_sweep" in err
+    assert rc == 2 and "--alpha-sweep" in err

@@ -95,7 +95,7 @@ def test_grouped_forward_matches_one_expert_at_a_time(tiny, monkeypatch):
     m = eng.manager
     layer = eng.layout.layers[0]
     x = torch.randn(1, eng.hf_config.hidden_size, generator=torch.Generator().manual_seed(0))
-    slots = [m.cache.lookup((layer, e), count=False) for e in (0, 3, 5)]
+    slots = [m.cache.slot((layer, e)) for e in (0, 3, 5)]
     w = torch.tensor([0.5, 0.3, 0.2])
     want = sum(wj * m.expert_forward(m.pool.gate_up(s), m.pool.down(s), x) for wj, s in zip(w, slots))
     torch.testing.assert_close(m.grouped_forward(slots, x, w), want, rtol=1e-5, atol=1e-6)

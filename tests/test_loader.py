@@ -66,7 +66,7 @@ def test_trace_record_load_and_replay(tiny, tmp_path):
 
     # replay: another engine follows the recorded routing exactly
     eng2 = moelite.load(path, expert_budget="50%")
-    eng2.manager.replay = TraceReplay(tr, eng2.layout.layers, decode_only=False)
+    eng2.manager.set_replay(TraceReplay(tr, eng2.layout.layers, decode_only=False))
     rec2 = TraceRecorder(eng2)
     with rec2.recording(prompt="a"):
         eng2.generate([5, 9, 14], max_tokens=6, temperature=0)
@@ -84,7 +84,7 @@ def test_replay_prefetch_uses_recorded_predictions(tiny, tmp_path):
     assert tr.pred is not None and (tr.pred[tr.layer == max(tr.layers)] == -1).all()
     assert (tr.pred[tr.layer == min(tr.layers)] >= 0).all()
     eng2 = moelite.load(path, expert_budget="25%", prefetch=True)
-    eng2.manager.replay = TraceReplay(tr, eng2.layout.layers, decode_only=True)
+    eng2.manager.set_replay(TraceReplay(tr, eng2.layout.layers, decode_only=True))
     eng2.generate([5, 9, 14], max_tokens=10, temperature=0)
     assert eng2.stats()["prefetch_issued"] > 0
 

@@ -1,11 +1,13 @@
 """SMoE cache router: Algorithm 1 against a literal per-token reference, alpha = 0 bit for bit, accounting."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import moelite
 from moelite.core.arch.base import Routing
-from moelite.core.substitution import _plan_batch, _stall_keep, cache_router, plan
+from moelite.core.substitution import _stall_keep, cache_router, plan, plan_batch
 
 
 
@@ -56,11 +58,11 @@ def test_plan_matches_reference(seed):
         want_idx, want_sub = reference(r.probs, r.choice, r.idx, alpha, resident)
         got = plan(r, k, alpha, resident)
         # the one-token list path and the batched tensor path are the same algorithm
-        assert (got is None) == (_plan_batch(r, k, alpha, resident) is None)
+        assert (got is None) == (plan_batch(r, k, alpha, resident) is None)
         if got is None:
             assert not want_sub.any()
             continue
-        batch = _plan_batch(r, k, alpha, resident)
+        batch = plan_batch(r, k, alpha, resident)
         assert torch.equal(got[0], want_idx) and torch.equal(got[1], want_sub)
         assert torch.equal(batch[0], want_idx) and torch.equal(batch[1], want_sub)
         n_sub += int(got[1].sum())
@@ -81,11 +83,11 @@ def test_group_limited_ranking(mask_value):
     r = Routing(probs, choice, idx, probs.gather(1, idx))
     resident = torch.tensor([False, False, True, True, True, True, True, True])
     # S = 0.05 (expert 6); expert 1 (0.20) is top-score at alpha 0.5, so nothing to substitute
-    assert plan(r, 2, 0.5, resident) is None and _plan_batch(r, 2, 0.5, resident) is None
+    assert plan(r, 2, 0.5, resident) is None and plan_batch(r, 2, 0.5, resident) is None
     # expert 6 (0.05) a low-score miss: window (0.025, 0.05] holds resident 4, 5 (masked) and 7 (0.03): 7 substitutes
     r.idx = torch.tensor([[0, 6]])
     resident[6] = False
-    for fn in (plan, _plan_batch):
+    for fn in (plan, plan_batch):
         new, sub = fn(r, 2, 0.5, resident)
         assert new.tolist() == [[0, 7]] and sub.tolist() == [[False, True]]
 
@@ -108,11 +110,12 @@ def test_substitute_weighted_by_own_score(tiny):
     for e in list(cache.resident_experts(layer)):  # make expert 2 resident, 0 and 1 not
         cache.slot_of.pop((layer, e))
     cache.slot_of[(layer, 2)] = 0
-    out = cache_router(eng.manager, layer, block, r, 0.25)  # S = 0.24; 0.26 is low-score, 0.30 > 1.25*0.24 is top
+    ctx = eng.manager.route_ctx
+    out = cache_router(ctx, layer, block, r, 0.25)  # S = 0.24; 0.26 is low-score, 0.30 > 1.25*0.24 is top
     assert out.idx.tolist() == [[0, 2]]
     assert out.substituted.tolist() == [[False, True]]
     assert torch.allclose(out.weights, torch.tensor([[0.30 / 0.54, 0.24 / 0.54]]))
-    assert cache_router(eng.manager, layer, block, r, 0.0) is r
+    assert cache_router(ctx, layer, block, r, 0.0) is r
 
 
 def test_run_counts_substitutes_apart_from_hits(tiny):
@@ -124,20 +127,20 @@ def test_run_counts_substitutes_apart_from_hits(tiny):
     w = torch.full((2, 2), 0.5)
     m.run(layer, x, idx, w)  # make 0, 1, 2 resident
     sub = torch.tensor([[False, True], [True, False]])  # expert 2 appears only as a substitute
-    h0, s0 = m.cache.hits, m.substitutions
+    before = eng.counters()
     m.run(layer, x, idx, w, substituted=sub)
-    assert m.substitutions - s0 == 2  # two substituted evaluations
-    assert m.cache.hits - h0 == 2  # experts 0 and 1 were asked for; 2 is a substitution, not a hit
-    assert m.layer_stats[layer].substitutions == 2
+    spent = eng.counters() - before
+    assert spent.total.substitutions == 2  # two substituted evaluations
+    assert spent.total.hits == 2  # experts 0 and 1 were asked for; 2 is a substitution, not a hit
+    assert m.counters.layer(layer).substitutions == 2
 
 
 def _decode_logits(eng, ids, alpha):
     from transformers import DynamicCache
 
-    eng.manager.alpha = alpha
     cache = DynamicCache(config=eng.hf_config)
     outs = []
-    with torch.inference_mode():
+    with torch.inference_mode(), eng.manager.request(alpha=alpha):
         eng.model(input_ids=torch.tensor([ids[:4]]), past_key_values=cache, use_cache=True)
         for t in ids[4:]:
             outs.append(eng.model(input_ids=torch.tensor([[t]]), past_key_values=cache, use_cache=True).logits[0, -1])
@@ -149,17 +152,17 @@ def test_alpha_zero_is_bit_for_bit_exact(tiny, arch_name):
     path = tiny(arch_name)
     ids = torch.randint(3, 128, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     plain = moelite.load(path, expert_budget="25%")
-    plain.manager.substitute = None  # no router installed at all
     routed = moelite.load(path, expert_budget="25%")
-    assert routed.manager.substitute is cache_router
-    want = _decode_logits(plain, ids, 0.0)
+    assert routed.manager.call.hook is cache_router
+    with plain.manager.request(hook=None):  # no router at all
+        want = _decode_logits(plain, ids, 0.0)
     assert torch.equal(_decode_logits(routed, ids, 0.0), want)
-    assert routed.manager.substitutions == 0
+    assert routed.stats()["expert_substitutions"] == 0
     # a per-token alpha of zeros is also the exact path; alpha > 0 changes something on this budget
     assert torch.equal(_decode_logits(moelite.load(path, expert_budget="25%"), ids, torch.zeros(1)), want)
     sub = moelite.load(path, expert_budget="25%")
     got = _decode_logits(sub, ids, 0.6)
-    assert sub.manager.substitutions > 0 and not torch.equal(got, want)
+    assert sub.stats()["expert_substitutions"] > 0 and not torch.equal(got, want)
 
 
 def test_generate_accounting_keeps_exact_hits_apart(tiny):
@@ -209,12 +212,14 @@ def test_stall_mode_router(tiny):
     r = Routing(probs, probs, idx, probs.gather(1, idx))
     m.cache.slot_of.clear()
     m.cache.slot_of[(layer, 4)], m.cache.slot_of[(layer, 3)] = 0, 1  # 3 resident; 0, 1, 2 miss; 4 a candidate
-    out = cache_router(m, layer, block, r, 0.25)  # 3 misses = 2 rounds; one substitution -> 1 round
+    ctx = m.route_ctx
+    assert ctx.substitution_mode == "stall" and ctx.io_parallel == 2
+    out = cache_router(ctx, layer, block, r, 0.25)  # 3 misses = 2 rounds; one substitution -> 1 round
     assert out.idx.tolist() == [[0, 1, 4, 3]] and out.substituted.sum() == 1  # the lowest-score miss (2) goes
     m.cache.slot_of.pop((layer, 3))  # now 4 misses, one candidate: 2 rounds either way
-    assert cache_router(m, layer, block, r, 0.25) is r
-    m.substitution_mode = "always"
-    assert cache_router(m, layer, block, r, 0.25).substituted.sum() == 1
+    assert cache_router(ctx, layer, block, r, 0.25) is r
+    always = dataclasses.replace(ctx, substitution_mode="always")
+    assert cache_router(always, layer, block, r, 0.25).substituted.sum() == 1
 
 
 def test_profile_scales_alpha_per_layer(tiny):
@@ -224,7 +229,7 @@ def test_profile_scales_alpha_per_layer(tiny):
     eng = moelite.load(path, expert_budget="25%", substitution_profile="1,0,0")
     m = eng.manager
     first, second, third = eng.layout.layers  # the tiny checkpoints have 3 MoE layers
-    assert m.alpha_scale == {first: 1.0, second: 0.0, third: 0.0}
+    assert dict(m.call.alpha_scale) == dict(m.route_ctx.alpha_scale) == {first: 1.0, second: 0.0, third: 0.0}
     block = eng.model.model.layers[0].mlp.block
     probs = torch.tensor([[0.30, 0.26, 0.24, 0.08, 0.07, 0.05, 0.0, 0.0]])
     r = Routing(probs, probs, torch.tensor([[0, 1]]), probs[:, :2])
@@ -232,13 +237,16 @@ def test_profile_scales_alpha_per_layer(tiny):
         for e in list(m.cache.resident_experts(layer)):
             m.cache.slot_of.pop((layer, e))
         m.cache.slot_of[(layer, 2)] = layer  # expert 2 resident, 0 and 1 missing, in both layers
-    assert cache_router(m, first, block, r, 0.25).substituted.tolist() == [[False, True]]
-    assert cache_router(m, second, block, r, 0.25) is r  # multiplier 0: this layer stays exact
-    assert cache_router(m, second, block, r, torch.tensor([0.25])) is r
+    ctx = m.route_ctx
+    assert cache_router(ctx, first, block, r, 0.25).substituted.tolist() == [[False, True]]
+    assert cache_router(ctx, second, block, r, 0.25) is r  # multiplier 0: this layer stays exact
+    assert cache_router(ctx, second, block, r, torch.tensor([0.25])) is r
     # 0.26 <= (1 + 0.05) * 0.24 is false: at alpha 0.05 expert 1 is top-score; times 4 = 0.2 it is low-score
-    m.alpha_scale = {first: 4.0, second: 1.0, third: 1.0}
-    assert cache_router(m, second, block, r, 0.05) is r
-    assert cache_router(m, first, block, r, 0.05).substituted.tolist() == [[False, True]]
+    with m.request(alpha_scale={first: 4.0, second: 1.0, third: 1.0}):  # one call's profile
+        ctx = m.route_ctx
+        assert cache_router(ctx, second, block, r, 0.05) is r
+        assert cache_router(ctx, first, block, r, 0.05).substituted.tolist() == [[False, True]]
+    assert dict(m.route_ctx.alpha_scale) == {first: 1.0, second: 0.0, third: 0.0}  # the engine's own again
     from moelite.config import ALPHA_CAP, layer_alpha
 
     assert layer_alpha(0.5, 100.0) == ALPHA_CAP < 1  # capped below 1: the window stays above score 0
@@ -250,9 +258,9 @@ def test_profile_of_zeros_is_exact_and_bad_profiles_are_refused(tiny, tmp_path):
     ids = torch.randint(3, 128, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     want = _decode_logits(moelite.load(path, expert_budget="25%"), ids, 0.0)
     zero = moelite.load(path, expert_budget="25%", substitution_profile=[0.0, 0.0, 0.0])
-    assert torch.equal(_decode_logits(zero, ids, 0.6), want) and zero.manager.substitutions == 0
+    assert torch.equal(_decode_logits(zero, ids, 0.6), want) and zero.stats()["expert_substitutions"] == 0
     plain = moelite.load(path, expert_budget="25%")  # the same alpha without the profile does substitute here
-    assert not torch.equal(_decode_logits(plain, ids, 0.6), want) and plain.manager.substitutions > 0
+    assert not torch.equal(_decode_logits(plain, ids, 0.6), want) and plain.stats()["expert_substitutions"] > 0
     with pytest.raises(ValueError, match="2 multipliers for the 3 MoE layers"):
         moelite.load(path, expert_budget="25%", substitution_profile="1,1")
     with pytest.raises(ValueError, match="finite number >= 0"):
@@ -291,13 +299,13 @@ def test_calibrate_writes_a_profile_the_engine_loads(tiny, tmp_path):
     assert res["layers"] == eng.layout.layers and len(res["profile"]) == len(eng.layout.layers)
     rows = res["per_layer"]
     assert any(r["substitutions_per_token"] > 0 for r in rows)  # each layer alone was substituted at the probe
-    assert eng.manager.alpha_scale == {}  # restored
+    assert dict(eng.manager.call.alpha_scale) == {} and eng.manager.call.alpha == 0.0  # restored
     out = tmp_path / "profile.json"
     import json
 
     out.write_text(json.dumps(res))
     again = moelite.load(path, expert_budget="25%", substitution_profile=str(out))
-    assert list(again.manager.alpha_scale.values()) == res["profile"]
+    assert list(again.manager.call.alpha_scale.values()) == res["profile"]
 
 
 def test_calibrate_refuses_bad_input_before_any_pass(tiny):
@@ -310,7 +318,7 @@ def test_calibrate_refuses_bad_input_before_any_pass(tiny):
                     ({"probe_alpha": 1.0}, "probe_alpha")):
         with pytest.raises(ValueError, match=msg):
             calibrate(eng, ids, **kw)
-    assert eng.manager.cache.hits + eng.manager.cache.misses == 0  # nothing ran
+    assert eng.stats()["expert_evaluations"] == 0  # nothing ran
     full = moelite.load(path, expert_budget="100%", warm_start=True)  # nothing can be substituted: say so
     with pytest.raises(ValueError, match="no layer substituted anything"):
         calibrate(full, ids, probe_alpha=0.6, max_tokens=24, window=16, stride=8)

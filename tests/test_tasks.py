@@ -114,23 +114,24 @@ def test_reroute_keeps_routing_when_all_resident_and_reroutes_to_residents(tiny,
     exact = engine.generate(ids, max_tokens=6, temperature=0).token_ids
     with routing_override(engine, reroute_to_resident):  # 100% budget, all resident after the first pass
         again = engine.generate(ids, max_tokens=6, temperature=0, substitution_alpha=routing_override.ON).token_ids
-    assert again == exact and engine.manager.substitutions == 0
+    assert again == exact and engine.stats()["expert_substitutions"] == 0
     small = moelite.load(engine.path, expert_budget="50%", cache_scope="layer", num_threads=1)
     keep = {layer: [0, 1, 2, 3, 4, 5, 6, 7] for layer in small.layout.layers}
     small.preload(keep)
     seen = []
     hook = reroute_to_resident
 
-    def spy(manager, layer, block, routing, alpha):
-        out = hook(manager, layer, block, routing, alpha)
+    def spy(ctx, layer, block, routing, alpha):
+        out = hook(ctx, layer, block, routing, alpha)
         seen.append((layer, out.idx.clone(), routing.idx.clone()))
         return out
 
-    misses = small.manager.cache.misses
+    before = small.counters()
     with routing_override(small, spy):
         small.generate(ids, max_tokens=4, temperature=0, substitution_alpha=0.5)
-    assert small.manager.cache.misses == misses  # no expert was read: every selection was resident
-    assert small.manager.substitutions > 0 and small.manager.cache.hits >= 0
+    spent = small.counters() - before
+    assert spent.total.misses == spent.total.in_flight == 0  # no expert was read: every selection was resident
+    assert spent.total.substitutions > 0 and spent.bytes_read == 0
     for layer, new, old in seen:
         assert set(new.reshape(-1).tolist()) <= set(keep[layer])
         assert all(len(set(row)) == new.shape[1] for row in new.tolist())  # k distinct experts per token
@@ -143,7 +144,7 @@ def test_random_router_and_profiler(engine):
     with routing_override(engine, hook):
         out = engine.generate(ids, max_tokens=4, temperature=0, substitution_alpha=routing_override.ON)
     assert len(out.token_ids) >= 1
-    assert engine.manager.substitute is not hook and engine.manager.substitute_in_prefill is False  # restored
+    assert engine.manager.call.hook is not hook and engine.manager.call.in_prefill is False  # restored
     prof = profile_sensitivity(engine, prompts, max_tokens=6, threshold=0.9)
     for task, v in prof["tasks"].items():
         sims = v["similarity_randomised_through_layer"]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -230,8 +231,6 @@ class Checkpoint:
 
 def _convert_pickle(folder: Path, pickles: list[Path]) -> Path:
     """Convert trusted pickle weights to one safetensors file in the user cache; returns its path."""
-    from safetensors.torch import save_file
-
     key = hashlib.sha256("|".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in pickles).encode())
     cache = Path(os.environ.get("MOELITE_CACHE", Path.home() / ".cache" / "moelite")) / "converted"
     out = cache / f"{key.hexdigest()[:16]}.safetensors"

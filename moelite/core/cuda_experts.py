@@ -20,6 +20,9 @@ Contract:
     highest-scoring misses whose copies fit in one step's time. A slot being filled keeps its expert's host code
     in the table until the copy's event has completed, so a replay never waits for a copy and never reads a
     half-written slot.
+  - Counting (moelite.core.counters): an expert whose VRAM slot holds its bytes is an exact hit; one whose fill (a
+    prefetch, a background copy) has not completed when the layer needs it is a read in flight, never a hit; one
+    with no slot is a miss.
   - Ordering without host waits: each slot has a "ready" event (its last fill) that the compute stream waits on
     before an eager kernel reads it, and a "last read" event that the copy stream waits on before overwriting
     it (the last eager kernel that read it, and the last graph replay). Slots are unpinned as soon as their
@@ -33,9 +36,9 @@ import time
 import torch
 
 from moelite.config import layer_alpha
-from moelite.core.fused_moe import fused_experts
+from moelite.core.fused_moe import fused_experts, triton_available
 from moelite.core.host_tier import HostTier
-from moelite.core.moe_layer import LayerStats
+from moelite.core.substitution import plan_batch
 
 Key = tuple[int, int]
 
@@ -57,8 +60,6 @@ class CudaExperts:
         # decoder waits for each step), never slot_table itself, which the bookkeeping edits while a step runs
         self._snapshots = [self.slot_table.clone().pin_memory() for _ in range(2)]
         self._snap = 0
-        from moelite.core.fused_moe import triton_available
-
         # the torch backend cannot read pinned host rows: a graph step must then flag every miss
         self.zero_copy = backend == "triton" or (backend == "auto" and triton_available())
         size = pool.buffer.element_size()
@@ -154,12 +155,9 @@ class CudaExperts:
         slot = cache.acquire(key)
         evicted = cache.last_evicted
         if evicted is not None:
-            self.m.layer_stats.setdefault(evicted[0], LayerStats()).evictions += 1
-            if evicted in self.m.prefetched_unused:
-                self.m.prefetched_unused.discard(evicted)
-                self.m.prefetch_wasted += 1
+            self.m.note_eviction(evicted)
         ev = self._fill(key, slot)
-        cache.commit(key, slot, count_miss=False)
+        cache.commit(key, slot)
         if ev is not None:
             self.ready[slot] = ev
             if background and self.host.row(key) is not None:
@@ -178,6 +176,11 @@ class CudaExperts:
                     n += 1
         self.sync_table()
         return n
+
+    def landed(self, slot: int) -> bool:
+        """Whether the last fill of `slot` has completed (no host wait)."""
+        ev = self.ready.get(slot)
+        return ev is None or ev.query()
 
     def _wait_ready(self, slots) -> None:
         stream = torch.cuda.current_stream(self.device)
@@ -201,37 +204,36 @@ class CudaExperts:
 
     # ---- the eager layer -------------------------------------------------------------------------------------
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None,
-            is_decode: bool, substituted: torch.Tensor | None) -> torch.Tensor:
+            decode: bool, substituted: torch.Tensor | None) -> torch.Tensor:
         # x [N, H] on the device, idx [N, k], w [N, k] -> out [N, H]
         m, cache = self.m, self.m.cache
-        stats = m.layer_stats.setdefault(layer, LayerStats())
+        stats = m.counters.layer(layer)
         idx_h = idx.to("cpu")  # the one host synchronisation of the layer
         n_tok, k = idx_h.shape
         stats.tokens += n_tok
         experts = list(dict.fromkeys(idx_h.reshape(-1).tolist()))
-        sub_only = m.count_substitutions(stats, idx_h, None if substituted is None else substituted.to("cpu"))
+        sub_only = m.count_substitutions(stats, idx_h, None if substituted is None else substituted.to("cpu"), decode)
         resident: dict[int, int] = {}
         missing: list[int] = []
+        n_hit = n_wait = 0
         for e in experts:
             key = (layer, e)
             m.note_prefetch_use(key, stats)
-            slot = cache.lookup(key, count=False)
+            slot = cache.lookup(key)
             if slot is not None:
                 cache.pin(slot)
                 resident[e] = slot
+                if e not in sub_only:
+                    if self.landed(slot):
+                        n_hit += 1
+                    else:  # its copy is still queued: the kernels wait for it
+                        n_wait += 1
             else:
                 missing.append(e)
-        n_hit = sum(e not in sub_only for e in resident)
-        cache.hits += n_hit
-        cache.misses += len(missing)
-        stats.hits += n_hit
-        stats.misses += len(missing)
-        if is_decode:
-            m.decode_hits += n_hit
-            m.decode_misses += len(missing)
+        m.account(stats, m.counters.phase(decode), n_hit, len(missing), n_wait)
 
         m.cost_load.add(self.host.row_bytes / (self.h2d_gbps * 1e9))
-        to_load, direct = m._split_misses(layer, missing, probs)
+        to_load, direct = m.split_misses(layer, missing, probs)
         loaded: dict[int, int] = {}
         for e in to_load:
             slot = self.load((layer, e))
@@ -261,12 +263,12 @@ class CudaExperts:
             cache.unpin(s)
         if direct:
             out = self._cpu_experts(layer, host_x, idx_h, w, direct, out, stats)
-        m.compute_seconds += time.perf_counter() - t0
+        m.counters.compute_seconds += time.perf_counter() - t0
         if out is None:
             out = torch.zeros_like(x)
-        m.loaded_misses += len(loaded)
-        m.direct_misses += len(direct)
-        if is_decode and m.prefetch:
+        m.counters.misses_loaded += len(loaded)
+        m.counters.misses_direct += len(direct)
+        if decode and m.options.prefetch:
             m.prefetch_next(layer, x)
         return out
 
@@ -280,7 +282,7 @@ class CudaExperts:
             t0 = time.perf_counter()
             row = self.host.row((layer, e))
             if row is None:
-                gate_up, down = m._direct_weights((layer, e))
+                gate_up, down = m.direct_weights((layer, e))
                 gate_up, down = gate_up.cpu(), down.cpu()
                 stats.bytes_read += m.pool.layout.disk_bytes
             else:
@@ -301,11 +303,9 @@ class CudaExperts:
         table = self.device_table[r]  # [E] codes
         idx, weights = routing.idx, routing.weights
         if buffers.alpha is not None:  # SMoE cache router on the device; alpha [L] per layer, set before replay
-            from moelite.core.substitution import _plan_batch
-
             k = idx.shape[1]
             a = buffers.alpha[r].expand(idx.shape[0], 1)
-            planned = _plan_batch(routing, k, a, table >= 0, sync=False)
+            planned = plan_batch(routing, k, a, table >= 0, sync=False)
             if planned is not None:
                 idx, sub = planned
                 weights = adapter.weigh(block, routing.probs, idx).to(routing.weights.dtype)
@@ -318,8 +318,8 @@ class CudaExperts:
         return self._fused(x, codes, weights)
 
     def alphas(self, alpha: float) -> list[float]:
-        """Per-layer alpha of the graph's cache router (the manager's profile applied)."""
-        scale = self.m.alpha_scale or {}
+        """Per-layer alpha of the graph's cache router (the call's profile applied)."""
+        scale = self.m.call.alpha_scale
         return [layer_alpha(alpha, scale.get(layer, 1.0)) for layer in self.layers]
 
     def after_graph_step(self, idx: torch.Tensor, substituted: torch.Tensor | None, scores: torch.Tensor | None,
@@ -331,43 +331,39 @@ class CudaExperts:
         ev.record(torch.cuda.current_stream(self.device))
         self.graph_event = ev
         budget = None
-        if m.miss_policy == "hybrid":  # copies that fit in one step's time, best score first
+        c = m.counters
+        if m.options.miss_policy == "hybrid":  # copies that fit in one step's time, best score first
             budget = max(1, int(step_seconds * self.h2d_gbps * 1e9 / self.host.row_bytes))
         for r, layer in enumerate(self.layers):
-            st = m.layer_stats.setdefault(layer, LayerStats())
+            st = c.layer(layer)
             st.tokens += idx.shape[1]
             sel = idx[r]
-            sub_only = m.count_substitutions(st, sel, None if substituted is None else substituted[r])
+            sub_only = m.count_substitutions(st, sel, None if substituted is None else substituted[r], True)
             misses = []
+            n_hit = n_wait = 0
             for e in dict.fromkeys(sel.reshape(-1).tolist()):  # noqa: B007
                 key = (layer, e)
-                cache.lookup(key, count=False)  # the policy sees the access
+                cache.lookup(key)  # the policy sees the access
                 if table[r][e] >= 0:  # the replay read it from VRAM
-                    if e not in sub_only:
-                        cache.hits += 1
-                        st.hits += 1
-                        m.decode_hits += 1
+                    n_hit += e not in sub_only
+                elif cache.resident(key):  # its copy was still landing: computed in place from the host row
+                    n_wait += 1
                 else:
-                    cache.misses += 1
-                    st.misses += 1
-                    m.decode_misses += 1
-                    if cache.resident(key):  # being copied in already: computed in place this time
-                        m.direct_misses += 1
-                    else:
-                        misses.append(e)
+                    misses.append(e)
+            m.account(st, c.decode, n_hit, len(misses), n_wait)
             if scores is not None:
                 cache.policy.observe_scores(layer, scores[r])
-            if m.miss_policy == "direct" or not misses:
-                m.direct_misses += len(misses)
+            if m.options.miss_policy == "direct" or not misses:
+                c.misses_direct += len(misses)
                 continue
             if budget is not None and scores is not None:
                 row = scores[r].tolist()
                 misses.sort(key=lambda e: -row[e])
             for e in misses:
                 if (budget is not None and budget <= 0) or self.load((layer, e), background=True) is None:
-                    m.direct_misses += 1
+                    c.misses_direct += 1
                     continue
-                m.loaded_misses += 1
+                c.misses_loaded += 1
                 self.graph_misses_loaded += 1
                 if budget is not None:
                     budget -= 1

@@ -1,7 +1,9 @@
 """Expert cache over the slot pool: which expert sits in which slot, and who is evicted.
 
 Contract:
-  - `ExpertCache.lookup(key)` returns the slot of a resident expert (counting an exact hit) or None.
+  - `ExpertCache.lookup(key)` returns the slot of a resident expert (a policy access) or None; `slot(key)` the
+    same without telling the policy. The cache counts nothing: hits, misses and evictions are counted once, by
+    the expert manager (moelite.core.counters).
   - `ExpertCache.acquire(key)` returns a slot for a new expert, free or taken from the policy's victim among
     unpinned slots of the key's partition (one global partition, or one per MoE layer). The previous owner is
     evicted. `pin`/`unpin` is the protection shield: a pinned expert is never evicted.
@@ -159,9 +161,6 @@ class ExpertCache:
             self.free = {layer: shared for layer in layers}
         self.last_evicted: Key | None = None
         self.listeners: list = []
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
         self.resident_peak = 0
 
     # ---- queries ---------------------------------------------------------------------------------------------
@@ -176,13 +175,16 @@ class ExpertCache:
         """Bytes of slots holding an expert or a read in flight."""
         return sum(o is not None for o in self.owner) * self.slot_bytes
 
-    def lookup(self, key: Key, count: bool = True) -> int | None:
+    def lookup(self, key: Key) -> int | None:
+        """The slot of a resident expert (the policy sees an access), else None."""
         slot = self.slot_of.get(key)
         if slot is not None:
-            if count:
-                self.hits += 1
             self.policy.on_access(key)
         return slot
+
+    def slot(self, key: Key) -> int | None:
+        """The slot of a resident expert, else None; the policy sees nothing."""
+        return self.slot_of.get(key)
 
     # ---- shield ----------------------------------------------------------------------------------------------
     def pin(self, slot: int) -> None:
@@ -194,6 +196,13 @@ class ExpertCache:
             self.pins.pop(slot, None)
         else:
             self.pins[slot] = n
+
+    def pins_snapshot(self) -> dict[int, int]:
+        """A copy of the shield (slot -> pin count), for `restore_pins` after a failed layer."""
+        return dict(self.pins)
+
+    def restore_pins(self, pins: dict[int, int]) -> None:
+        self.pins = dict(pins)
 
     # ---- insertion -------------------------------------------------------------------------------------------
     def can_acquire(self, layer: int) -> bool:
@@ -220,7 +229,6 @@ class ExpertCache:
             self.policy.on_evict(victim)
             for fn in self.listeners:
                 fn(victim, None)
-            self.evictions += 1
             self.last_evicted = victim
         self.owner[slot] = key
         return slot
@@ -232,12 +240,10 @@ class ExpertCache:
             self.owner[slot] = None
             self.free[key[0]].append(slot)
 
-    def commit(self, key: Key, slot: int, count_miss: bool = True) -> None:
+    def commit(self, key: Key, slot: int) -> None:
         """Record `key` as resident in `slot` once its bytes are loaded."""
         self.slot_of[key] = slot
         for fn in self.listeners:
             fn(key, slot)
-        if count_miss:
-            self.misses += 1
         self.policy.on_insert(key)
         self.resident_peak = max(self.resident_peak, self.resident_bytes)

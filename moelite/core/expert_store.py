@@ -9,9 +9,13 @@ Contract:
   - `ExpertReader.read_into(key, slot)` fills a slot with positional reads (os.preadv; an expert's parts that lie
     next to each other in a shard are one read, `read_plan`) from the shard files,
     straight into the slot when dtypes agree, otherwise through a preallocated staging buffer; on CUDA through
-    pinned staging memory and a separate copy stream. With `drop_page_cache` the file pages just read are dropped
-    (posix_fadvise DONTNEED) so the OS page cache is not a hidden second expert cache. No file is mmapped. A read
+    pinned staging memory and a separate copy stream. A thread's staging buffer is never overwritten while an
+    asynchronous copy out of it may still be running: `staging()` waits for that copy first. With
+    `drop_page_cache` the file pages just read are dropped (posix_fadvise DONTNEED) so the OS page cache is not a
+    hidden second expert cache. No file is mmapped. A read
     that fails is tried once more, then raises `ExpertReadError` naming the expert, its tensors, file and offset.
+  - The reader adds its totals (bytes read, reads, read errors, seconds reading) to `counters`, the engine's one
+    `Counters` object (moelite.core.counters), under its lock: reads run on several I/O threads.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 import torch
 
 from moelite.core.checkpoint import Checkpoint, CheckpointError, TensorInfo
+from moelite.core.counters import Counters
 
 Key = tuple[int, int]  # (layer index, expert index)
 
@@ -193,23 +198,31 @@ def read_plan(parts) -> list[tuple]:
 class ExpertReader:
     """Positional reads of expert bytes into slots (or into a caller's staging buffer)."""
 
-    def __init__(self, layout: ExpertLayout, pool: SlotPool, drop_page_cache: bool = True):
+    def __init__(self, layout: ExpertLayout, pool: SlotPool, drop_page_cache: bool = True,
+                 counters: Counters | None = None):
         self.layout, self.pool = layout, pool
+        self.counters = counters if counters is not None else Counters()
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
         disk, dev = layout.disk_dtype, pool.device
         self.direct = pool.dtype == disk and dev.type == "cpu"
-        # staging buffers, one per reading thread, allocated once
+        # staging buffers, one per reading thread, allocated once; and the event of the last asynchronous copy out
+        # of each (CUDA), which must complete before the buffer is written again
         self._staging: dict[int, torch.Tensor] = {}
+        self._staging_copy: dict[int, torch.cuda.Event] = {}
         self._plans: dict[Key, list[tuple]] = {}  # coalesced reads per expert (read_plan), built on first use
         self.copy_stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
-        self.bytes_read = 0
-        self.io_seconds = 0.0
-        self.reads = 0
         #: experts whose last read failed -> the failure's message; an expert leaves it once it reads (/health)
         self.failing: dict[Key, str] = {}
-        self.read_errors = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return self.counters.bytes_read
+
+    @property
+    def io_seconds(self) -> float:
+        return self.counters.io_seconds
 
     def _fd(self, path: Path) -> int:
         fd = self._fds.get(path)
@@ -222,8 +235,12 @@ class ExpertReader:
         return fd
 
     def staging(self) -> torch.Tensor:
-        """This thread's staging buffer (disk dtype; pinned on CUDA)."""
+        """This thread's staging buffer (disk dtype; pinned on CUDA), free to be written: the asynchronous copy
+        that last read it (`read_into` on CUDA) has completed."""
         tid = threading.get_ident()
+        pending = self._staging_copy.pop(tid, None)
+        if pending is not None:
+            pending.synchronize()
         buf = self._staging.get(tid)
         if buf is None:
             pin = self.pool.device.type == "cuda"
@@ -231,8 +248,9 @@ class ExpertReader:
             self._staging[tid] = buf
         return buf
 
-    def read_bytes(self, key: Key, dest: torch.Tensor) -> None:
-        """Read expert `key` into the 1-D CPU tensor `dest` (disk dtype, numel = layout.numel)."""
+    def read_bytes(self, key: Key, dest: torch.Tensor, count: bool = True) -> None:
+        """Read expert `key` into the 1-D CPU tensor `dest` (disk dtype, numel = layout.numel); count=False keeps
+        the read out of the counters (filling the host tier at load is not serving I/O)."""
         t0 = time.perf_counter()
         raw = memoryview(dest.view(torch.uint8).numpy())
         plan = self._plans.get(key)
@@ -255,16 +273,18 @@ class ExpertReader:
                     "it (the engine recovers once it reads correctly)")
                 with self._lock:
                     self.failing[key] = str(err)
-                    self.read_errors += 1
+                    self.counters.read_errors += 1
                 raise err from exc
             if self.drop_page_cache:
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
             pos += nbytes
         dt = time.perf_counter() - t0
         with self._lock:
-            self.bytes_read += pos
-            self.io_seconds += dt
-            self.reads += 1
+            if count:
+                c = self.counters
+                c.bytes_read += pos
+                c.io_seconds += dt
+                c.reads += 1
             self.failing.pop(key, None)
 
     @property
@@ -278,10 +298,7 @@ class ExpertReader:
         if self.direct:
             self.read_bytes(key, self.pool.flat(slot))
             return None
-        stage = self.staging()
-        if self.copy_stream is not None:
-            # the staging buffer may still feed a previous async copy; wait for it before overwriting
-            self.copy_stream.synchronize()
+        stage = self.staging()  # waits for the copy that last read this thread's buffer
         self.read_bytes(key, stage)
         if self.copy_stream is None:
             self.pool.flat(slot).copy_(stage)  # dtype conversion into the slot, no allocation
@@ -290,6 +307,7 @@ class ExpertReader:
             self.pool.flat(slot).copy_(stage, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
+        self._staging_copy[threading.get_ident()] = event  # the buffer is busy until this copy completes
         return event
 
     def read_tensor(self, info: TensorInfo) -> torch.Tensor:

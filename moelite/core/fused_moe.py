@@ -19,6 +19,8 @@ Shapes: N tokens, k choices per token, P = N*k (token, choice) pairs, S slots, H
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -233,6 +235,4 @@ def fused_experts(x: torch.Tensor, buffer: torch.Tensor, hidden: int, inter: int
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"

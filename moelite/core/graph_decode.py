@@ -11,6 +11,8 @@ Contract:
     per-layer miss flags and the selected experts. No miss: the cache policy sees the accesses and the step is
     done. A miss: the step is redone eagerly (misses copied from the host tier or computed on the CPU), which
     rewrites the same KV position. After a failed replay the next attempts back off (1, 2, 4 ... 16 steps).
+    The graph runs SMoE's cache router on the device (the call's alpha and profile); a call with another routing
+    hook active decodes eagerly.
   - The KV cache is transformers' `StaticCache`; its write position is reset before every forward, so a redone
     step overwrites rather than appends.
 """
@@ -20,10 +22,14 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers import StaticCache
+
+from moelite.config import alpha_positive
+from moelite.core.substitution import cache_router
 
 
 @dataclass
@@ -152,7 +158,6 @@ class StaticDecoder:
             raise ValueError(f"decoder: the static cache of {self.max_len} positions is full")
         self.ids.copy_(torch.tensor(tokens, dtype=torch.long).view(-1, 1), non_blocking=False)
         self.valid[:, self.cur] = True
-        m = self.eng.manager
         logits = None
         if self.use_graph and self.skip == 0:
             logits = self._graph_step()
@@ -191,9 +196,11 @@ class StaticDecoder:
 
     def _graph_step(self) -> torch.Tensor | None:
         m = self.eng.manager
-        cuda, b = m.cuda, self.buffers
-        alpha = float(m.alpha.max()) if isinstance(m.alpha, torch.Tensor) else float(m.alpha)
-        sub = m.substitute is not None and alpha > 0
+        cuda, b, call = m.cuda, self.buffers, m.call
+        alpha = float(call.alpha.max()) if isinstance(call.alpha, torch.Tensor) else float(call.alpha)
+        sub = call.hook is not None and alpha_positive(alpha)
+        if sub and call.hook is not cache_router:  # the graph plans SMoE's router on the device, no other hook
+            return None
         self._stage_replay(m)
         if sub:
             self.alpha_buf.copy_(torch.tensor(cuda.alphas(alpha)))
@@ -250,29 +257,31 @@ class StaticDecoder:
             compile_decode(self.eng)
         mask = self.valid[:, None, None, :]
         self.buffers.alpha = self.alpha_buf if sub else None
-        m.graph_buffers = self.buffers
         try:
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # compiles the kernels, initialises the cache; outputs are discarded
-                    self._forward(self.ids, self.pos, mask)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = self._forward(self.ids, self.pos, mask)
-            self.graphs[sub] = (graph, logits)
+            with m.capturing(self.buffers):
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compiles the kernels, initialises the cache; outputs are discarded
+                        self._forward(self.ids, self.pos, mask)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = self._forward(self.ids, self.pos, mask)
+                self.graphs[sub] = (graph, logits)
         finally:
-            m.graph_buffers = None
             self.buffers.alpha = None
         # the graph reads the buffers' tensors by address; the Python object is needed only while capturing
+
+
+_COMPILED: weakref.WeakSet = weakref.WeakSet()  # engines whose decode path compile_decode compiled
 
 
 def compile_decode(engine) -> None:
     """torch.compile the decoder layers (for decode steps: while a graph is being captured) and each MoE block's
     graph path, once per engine. The layers' eager path (prefill, redone steps) stays uncompiled, so prompt
     lengths cause no recompilation; each batch size compiles once."""
-    if getattr(engine, "_compiled", False):
+    if engine in _COMPILED:
         return
     import torch._dynamo as dynamo
 
@@ -284,8 +293,8 @@ def compile_decode(engine) -> None:
         eager, fast = layer.forward, torch.compile(layer.forward, dynamic=False)
         layer.forward = lambda *a, _e=eager, _f=fast, **kw: (_f if m.graph_buffers is not None else _e)(*a, **kw)
     for block in m.blocks.values():
-        block._graph_forward = torch.compile(block._graph_forward, dynamic=False)
-    engine._compiled = True
+        block.compile_graph_forward()
+    _COMPILED.add(engine)
 
 
 def bucket(n: int, step: int = 256) -> int:

@@ -3,7 +3,8 @@
 Contract:
   - `HostTier(layout, reader, dtype, budget_bytes)` reads as many routed experts as `budget_bytes` holds (in layer
     order, so that whole layers stay together) from the checkpoint into page-locked host memory, once, at load,
-    with a progress bar, in the slot dtype. Experts beyond the budget stay on SSD and are read on a miss as before.
+    with a progress bar, in the slot dtype; these reads are not counted (they serve no request). Experts beyond
+    the budget stay on SSD and are read on a miss as before.
   - `row(key)` is the pinned [numel] tensor of a resident expert (None when it lives on SSD). A miss copies it
     into a VRAM slot with one asynchronous host-to-device copy (no staging copy); the CPU can also compute on it
     directly (SMoE Algorithm 2).
@@ -43,24 +44,21 @@ class HostTier:
         self.row_of: dict[Key, int] = {key: i for i, key in enumerate(keys[:n])}
         self.nbytes = n * self.row_bytes
         t0 = time.perf_counter()
-        before = (reader.bytes_read, reader.io_seconds, reader.reads)
 
         def load(item):
             key, i = item
             dest = self.row_by_index(i)
             if dtype == layout.disk_dtype:
-                reader.read_bytes(key, dest)
+                reader.read_bytes(key, dest, count=False)
             else:  # convert once here, so that misses never convert
                 stage = reader.staging()
-                reader.read_bytes(key, stage)
+                reader.read_bytes(key, stage, count=False)
                 dest.copy_(stage)
 
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="moelite-host") as pool:
             for _ in tqdm(pool.map(load, self.row_of.items()), total=n, desc="experts to pinned host RAM",
                           unit="expert", disable=not progress or n == 0, leave=False):
                 pass
-        # loading the tier is not a cache miss: keep the counters for what happens while serving
-        reader.bytes_read, reader.io_seconds, reader.reads = before
         self.load_seconds = time.perf_counter() - t0
 
     def row_by_index(self, i: int) -> torch.Tensor:

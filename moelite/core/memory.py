@@ -5,9 +5,10 @@ Contract:
     usage where one applies (cgroup v2 or v1; the cgroup counts page cache too). CUDA: the device's free memory.
   - `auto_budget(...)` -> `AutoBudget`: available - dense weights - KV cache for the context - headroom, clamped to
     [0, every routed expert]. The engine uses it twice: as the budget of expert_budget="auto", and as the largest
-    budget it accepts at load (a bigger one is refused before anything is read, with these numbers). Headroom is 10% of what is available, at least 256 MiB, for activations, the
-    allocator and the rest of the process. `note` says how the figure came about, for `moelite info` and the load
-    message.
+    budget it accepts at load (a bigger one is refused before anything is read, with these numbers). Headroom is
+    10% of what is available, at least 256 MiB, for activations, the allocator and the rest of the process. `note`
+    says how the figure came about, for `moelite info` and the load message ("all experts resident" when the room
+    holds every routed expert).
 """
 
 from __future__ import annotations
@@ -86,10 +87,19 @@ class AutoBudget:
     kv_cache: int
     context: int
     headroom: int
+    #: bytes of every routed expert (the budget never exceeds it)
+    experts: int = 0
+
+    @property
+    def all_resident(self) -> bool:
+        """Whether the room left holds every routed expert (the budget is then all of them, not the room)."""
+        return self.experts > 0 and self.bytes >= self.experts
 
     @property
     def note(self) -> str:
-        return (f"expert_budget 'auto' = {format_bytes(self.bytes)}: {format_bytes(self.available)} available "
+        what = f"all experts resident ({format_bytes(self.experts)})" if self.all_resident \
+            else format_bytes(self.bytes)
+        return (f"expert_budget 'auto' = {what}: {format_bytes(self.available)} available "
                 f"({self.source}) - {format_bytes(self.dense)} dense weights - {format_bytes(self.kv_cache)} KV cache "
                 f"({self.context} tokens) - {format_bytes(self.headroom)} headroom")
 
@@ -100,4 +110,14 @@ def auto_budget(device, dense_bytes: int, hf_config, kv_dtype: torch.dtype, tota
     kv = kv_cache_bytes(hf_config, kv_dtype, context)
     headroom = max(MIN_HEADROOM, avail // 10)
     room = avail - dense_bytes - kv - headroom
-    return AutoBudget(int(min(max(room, 0), total_expert_bytes)), avail, source, dense_bytes, kv, context, headroom)
+    return AutoBudget(int(min(max(room, 0), total_expert_bytes)), avail, source, dense_bytes, kv, context, headroom,
+                      int(total_expert_bytes))
+
+
+def resident_note(value, budget_bytes: int, total_expert_bytes: int) -> str | None:
+    """The load message for a budget that holds every routed expert (None for a smaller one): a budget beyond all
+    the experts is reported as what it buys, all experts resident, not as the bytes asked for."""
+    if budget_bytes < total_expert_bytes:
+        return None
+    return (f"expert_budget {value!r} = {format_bytes(budget_bytes)} covers every routed expert: all experts resident "
+            f"({format_bytes(total_expert_bytes)})")

@@ -3,12 +3,16 @@
 Contract: `build_model(ckpt, adapter, hf_config, device, dtype, manager_factory)` creates the transformers model on
 the meta device, removes the routed `experts` module of every MoE block, materialises the rest on `device`, loads
 every non-expert tensor from the checkpoint with positional reads (strict: a missing or unexpected tensor is an
-error) and wraps each MoE block in an `OffloadedMoEBlock`. Routed-expert bytes are never read here.
+error), wraps each MoE block in an `OffloadedMoEBlock` and hands the blocks to the manager (`ExpertManager.attach`).
+Routed-expert bytes are never read here. Building a model also silences transformers' FutureWarnings
+(`quiet_transformers_deprecations`): transformers 5.x warns on every forward that `past_key_values` is deprecated,
+which would splice into streamed text and fill logs; the keyword stays, as older 5.x releases lack its successor.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
@@ -19,6 +23,19 @@ from moelite.core.arch.base import ArchAdapter
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 from moelite.core.expert_store import ExpertLayout, ExpertReader
 from moelite.core.moe_layer import ExpertManager, OffloadedMoEBlock
+
+
+#: transformers 5.x's notice for the keyword moelite passes to forwards and mask builders (kept: 5.17 lacks `cache=`)
+PAST_KEY_VALUES_NOTICE = r"`past_key_values` is deprecated"
+
+
+def quiet_transformers_deprecations() -> None:
+    """Ignore transformers' FutureWarnings: those raised from its own modules, and its `past_key_values` notice,
+    which is attributed to the caller (moelite's modules call its mask builders directly). Deprecation notices about
+    transformers' API are meaningless to moelite's users; every other warning is left as it is. Idempotent
+    (warnings drops duplicate filters)."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+    warnings.filterwarnings("ignore", message=PAST_KEY_VALUES_NOTICE, category=FutureWarning)
 
 
 def meta_model(hf_config, dtype: torch.dtype) -> nn.Module:
@@ -58,13 +75,13 @@ def _rebuild_nonpersistent(model: nn.Module, device: torch.device) -> None:
 def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: ExpertLayout, reader: ExpertReader,
                 manager: ExpertManager, device: torch.device, dtype: torch.dtype, top_k: int,
                 progress: bool = True) -> nn.Module:
+    quiet_transformers_deprecations()
     model = meta_model(hf_config, dtype)
     blocks = moe_blocks(model, layout)
     act_fn = None
     for block in blocks.values():
         act_fn = act_fn or block.experts.act_fn
         del block.experts
-    manager.act_fn = act_fn
     model.to_empty(device=device)
     _rebuild_nonpersistent(model, device)
 
@@ -102,12 +119,9 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
-    order = sorted(blocks)
-    for j, i in enumerate(order):
-        wrapped = OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k)
-        model.model.layers[i].mlp = wrapped
-        manager.blocks[i] = wrapped
-        if j + 1 < len(order):
-            manager.next_layer[i] = order[j + 1]
+    wrapped = {i: OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k) for i in sorted(blocks)}
+    for i, block in wrapped.items():
+        model.model.layers[i].mlp = block
+    manager.attach(adapter, act_fn, wrapped)
     model.eval().requires_grad_(False)
     return model

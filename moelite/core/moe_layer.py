@@ -1,18 +1,39 @@
 """The offloaded MoE layer: transformers' router and shared experts, moelite's routed experts.
 
 Contract:
-  - `ExpertManager` owns the slot pool, the cache, the reader and the background loader.
-    `run(layer, x, idx, w, scores)` computes sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token, each expert
-    once for all tokens routed to it. Order: resident experts are pinned (the protection shield) and computed
-    while the misses are read in the background (for one token and small experts, all resident experts in one
-    grouped pair of batched matrix-vector products: `grouped_forward`); each miss is computed as soon as its bytes land. A miss either
-    goes into the cache ("load") or is computed straight from a read buffer without caching ("direct"; on CUDA
-    that compute runs on the CPU, so the expert never crosses PCIe); with
-    miss_policy="hybrid" the misses are split between the two paths by score and by their measured running
-    costs so that neither path finishes much later than the other.
+  - `ExpertManager` is three parts. `options` (`call_state.ManagerOptions`, frozen from EngineConfig at load): miss
+    policy, prefetch, substitution mode and the engine's default alpha and per-layer profile. Runtime state: the
+    slot pool, the cache, the reader, the background loader, reads in flight, the MoE blocks, the CUDA path.
+    `counters` (`moelite.core.counters.Counters`, shared with the reader): every count and time, read through
+    snapshots.
+  - Per-call state (`call_state.CallState`: substitution alpha, routing hook, whether the hook runs in prefill,
+    per-layer alpha multipliers) belongs to a call: `with manager.request(alpha=..., hook=...)` sets the parts it
+    names for the calls inside and restores the enclosing state on exit, exceptions included. Outside every
+    request the state is the engine's own (options.alpha, the installed hook, options.substitute_in_prefill,
+    options.alpha_scale).
+    No code outside this module writes a manager field; trace replay, the CUDA path and graph capture have their
+    own methods (`set_replay`, `use_cuda`, `capturing`).
+  - Hooks are typed. A routing hook is fn(ctx: RouteContext, layer, block, routing, alpha) -> Routing, called once
+    per MoE layer per forward pass while the call's alpha > 0 (in decode; in prefill too with in_prefill); `ctx`
+    carries the architecture adapter, expert residency and the call's substitution settings. An observer is
+    fn(layer, routing, phase) with phase "prefill" or "decode" (`add_observer` / `remove_observer`); a forward is
+    prefill inside `prefilling()` (a prompt, whatever its length) or when it holds more than one position.
+  - `run(layer, x, idx, w, scores, decode)` computes sum_j w[n, j] * expert_{idx[n, j]}(x[n]) for every token, each
+    expert once for all tokens routed to it, in named phases: group tokens by expert; settle reads that landed;
+    classify the experts (resident ones pinned: the protection shield) and count them; start the misses' reads;
+    compute the resident experts while they run (for one token and small experts all of them in one grouped pair
+    of batched matrix-vector products, `grouped_forward`); compute "direct" misses from a read buffer; compute each
+    loaded miss as its bytes land; release the shield. A miss either goes into the cache ("load") or is computed
+    from a read buffer without caching ("direct"; on CUDA on the CPU, so the expert never crosses PCIe); with
+    miss_policy="hybrid" the misses are split between the two paths by score and by their measured running costs.
+  - Counting (one definition, moelite.core.counters): an expert whose bytes are resident is an exact hit; one whose
+    read this layer starts is a miss; one whose earlier read (prefetch, preload) has not landed is a read in
+    flight (waited on), never a hit; an expert present only as a substitute is a substitution.
   - Prefetch (decode only): after routing layer L, the next MoE layer's gate is applied to layer L's input;
     predicted top experts that are not resident are read in the background; predictions the next layer does not
     use are cancelled if not yet started. Precision and recall are counted.
+  - Preloading is public: `preload(keys)` reads experts ahead of use (neither hits nor misses); `touch`, `slot`,
+    `pin` and `unpin` let the eMoE preloader shape residency without the cache's internals.
   - `OffloadedMoEBlock` replaces a transformers MoE block (`layer.mlp`), keeping its `gate` and shared-expert
     modules; forward([B, T, H]) -> [B, T, H] equals the original block's forward (the exactness tests check it).
   - Output never depends on cache policy, prefetch, loader or miss path beyond float rounding (they change the
@@ -24,16 +45,18 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from contextlib import contextmanager
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelite.core.arch.base import ArchAdapter, Routing
 from moelite.config import alpha_positive
+from moelite.core.arch.base import ArchAdapter, Routing
+from moelite.core.call_state import (DECODE, KEEP, PREFILL, CallState, ManagerOptions, Observer, RouteContext,
+                                     RoutingHook, derive)
+from moelite.core.counters import Counters, LayerStats, PhaseCounts
 from moelite.core.expert_cache import ExpertCache
 from moelite.core.expert_store import ExpertReader, SlotPool
 from moelite.core.loader import Loader, timed_read
@@ -41,20 +64,6 @@ from moelite.core.loader import Loader, timed_read
 Key = tuple[int, int]
 #: largest total slot bytes that `ExpertManager.grouped_forward` gathers (a copy); above it, experts run one by one
 GROUPED_MAX_BYTES = 8 << 20
-
-
-@dataclass
-class LayerStats:
-    hits: int = 0
-    misses: int = 0
-    prefetch_hits: int = 0
-    substitutions: int = 0
-    tokens: int = 0
-    evictions: int = 0
-    bytes_read: int = 0
-    stall_seconds: float = 0.0
-
-
 class RunningCost:
     """Mean of the last n samples with outliers beyond one standard deviation dropped (as SMoE's code does)."""
 
@@ -74,54 +83,119 @@ class RunningCost:
         return float(t.mean())
 
 
-@dataclass
+class _LayerPass:
+    """One layer's tokens grouped by expert: (token, choice) pairs sorted by expert, and where each expert's run
+    of pairs starts and ends; `out` accumulates the routed-expert output [N, H]."""
+
+    __slots__ = ("x", "tok", "wts", "groups", "out", "host")
+
+    def __init__(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
+        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
+        self.x = x
+        self.tok = order // k
+        self.wts = w.reshape(-1)[order].to(x.dtype)
+        self.out = torch.zeros_like(x)
+        self.groups: dict[int, tuple[int, int]] = {}
+        start = 0
+        for e, c in zip(experts.tolist(), counts.tolist()):
+            self.groups[e] = (start, start + c)
+            start += c
+        self.host = None  # (x, tok, wts) on the CPU for direct misses of a CUDA layer
+
+
 class ExpertManager:
-    pool: SlotPool
-    cache: ExpertCache
-    reader: ExpertReader
-    act_fn: nn.Module
-    loader: Loader | None = None
-    miss_policy: str = "load"  # load | direct | hybrid
-    prefetch: bool = False
-    prefetch_experts: int = 0  # per token, highest predicted score first; 0 = half of top-k
-    layer_stats: dict[int, LayerStats] = field(default_factory=dict)
-    compute_seconds: float = 0.0
-    stall_seconds: float = 0.0
-    #: optional callbacks(layer, Routing, is_decode) for traces / score policies
-    observers: list = field(default_factory=list)
-    #: substitution hook (SMoE cache router): fn(manager, layer, block, routing, alpha) -> Routing; None = exact
-    substitute: object = None
-    #: substitution threshold of the request(s) now decoding: a float, or a [N] tensor per token
-    alpha: object = 0.0
-    substitute_in_prefill: bool = False
-    substitution_mode: str = "always"  # always | stall (see substitution.cache_router)
-    #: per-layer multipliers of alpha (EngineConfig.substitution_profile); empty = the same alpha in every layer
-    alpha_scale: dict = field(default_factory=dict)
-    io_parallel: int = 1  # reads in flight at once (I/O threads): what "stall" mode counts rounds with
-    substitutions: int = 0
-    #: routing source that replaces the router (trace replay on real-shape checkpoints); None = the model's gate
-    replay: object = None
-    # prefetch bookkeeping
-    inflight: dict = field(default_factory=dict)  # key -> (slot, Future, is_prefetch)
-    prefetched_unused: set = field(default_factory=set)
-    prefetch_issued: int = 0
-    prefetch_used: int = 0
-    prefetch_wasted: int = 0
-    decode_misses: int = 0
-    decode_hits: int = 0
-    loaded_misses: int = 0
-    direct_misses: int = 0
-    cost_load: RunningCost = field(default_factory=RunningCost)
-    cost_direct: RunningCost = field(default_factory=RunningCost)
-    blocks: dict = field(default_factory=dict)  # layer -> OffloadedMoEBlock (set by build_model)
-    last_x: object = None  # input [N, H] of the MoE layer now running
-    next_layer: dict = field(default_factory=dict)  # layer -> next MoE layer
-    #: CUDA path (cuda_experts.CudaExperts) when the slots are in VRAM over a pinned host tier; None = this class
-    cuda: object = None
-    #: set by the CUDA-graph decoder while it captures: (flags [L], idx [L, N, k], scores [L, E] or None)
-    graph_buffers: object = None
-    #: True while a prompt is being prefilled (see `prefilling`): a one-token prompt is not a decode step
-    prefill: bool = False
+    """Routed experts of every MoE layer under a fixed slot budget (see the module contract)."""
+
+    def __init__(self, pool: SlotPool, cache: ExpertCache, reader: ExpertReader,
+                 options: ManagerOptions | None = None, loader: Loader | None = None, hook: RoutingHook | None = None):
+        self.options = options = options or ManagerOptions()
+        self.counters: Counters = reader.counters
+        # ---- runtime state
+        self.pool, self.cache, self.reader, self.loader = pool, cache, reader, loader
+        self.act_fn: nn.Module | None = None
+        self.adapter: ArchAdapter | None = None
+        self.blocks: dict[int, OffloadedMoEBlock] = {}  # layer -> block
+        self.next_layer: dict[int, int] = {}  # layer -> next MoE layer
+        self.inflight: dict[Key, tuple[int, Future, bool]] = {}  # key -> (slot, read, is_prefetch)
+        self.prefetched_unused: set[Key] = set()
+        self.cost_load, self.cost_direct = RunningCost(), RunningCost()
+        #: the CUDA path (cuda_experts.CudaExperts) when the slots are in VRAM over a pinned host tier (`use_cuda`)
+        self.cuda = None
+        #: set while the CUDA-graph decoder captures (`capturing`): graph_decode.GraphBuffers
+        self.graph_buffers = None
+        #: routing source that replaces the router (trace replay on real-shape checkpoints); None = the model's gate
+        self.replay = None
+        self.last_x: torch.Tensor | None = None  # input [N, H] of the MoE layer now running (observers read it)
+        self.prefill = False  # inside `prefilling()`
+        self._observers: list[Observer] = []
+        self._scratch_buf: torch.Tensor | None = None
+        # ---- per-call state: the engine's own outside every request
+        self.call = CallState(options.alpha, hook, options.substitute_in_prefill, options.alpha_scale)
+        self.route_ctx = self._context(self.call)
+
+    # ---- set-up ----------------------------------------------------------------------------------------------
+    def attach(self, adapter: ArchAdapter, act_fn: nn.Module, blocks: dict[int, "OffloadedMoEBlock"]) -> None:
+        """The model's MoE blocks (layer -> block), its architecture adapter and the experts' activation."""
+        self.adapter, self.act_fn = adapter, act_fn
+        self.blocks = dict(sorted(blocks.items()))
+        order = list(self.blocks)
+        self.next_layer = dict(zip(order, order[1:]))
+        self.route_ctx = self._context(self.call)
+
+    def use_cuda(self, cuda) -> None:
+        """Route `run` through the CUDA path (cuda_experts.CudaExperts built over this manager)."""
+        self.cuda = cuda
+
+    def set_replay(self, replay) -> None:
+        """Follow a recorded routing (traces.TraceReplay) instead of the model's gates; None = the gates again."""
+        self.replay = replay
+
+    @contextmanager
+    def capturing(self, buffers):
+        """MoE layers take the device-only graph path (`OffloadedMoEBlock.graph_forward`) inside."""
+        self.graph_buffers = buffers
+        try:
+            yield
+        finally:
+            self.graph_buffers = None
+
+    def add_observer(self, fn: Observer) -> None:
+        self._observers.append(fn)
+
+    def remove_observer(self, fn: Observer) -> None:
+        if fn in self._observers:
+            self._observers.remove(fn)
+
+    @property
+    def observers(self) -> tuple:
+        return tuple(self._observers)
+
+    # ---- per-call state --------------------------------------------------------------------------------------
+    def _context(self, call: CallState) -> RouteContext:
+        return RouteContext(self.adapter, self.cache.resident, call.alpha_scale, self.options.substitution_mode,
+                            self.options.io_parallel)
+
+    @contextmanager
+    def request(self, alpha=KEEP, hook=KEEP, in_prefill=KEEP, alpha_scale=KEEP):
+        """Per-call state for the forward passes inside: `alpha` (a float in [0, 1), or a [N] tensor per token),
+        routing `hook` (None = exact routing), `in_prefill` (the hook also runs in prefill), `alpha_scale`
+        ({layer: multiplier}). Parts not named keep the enclosing call's; all are restored on exit."""
+        saved = self.call, self.route_ctx
+        self.call = derive(self.call, alpha, hook, in_prefill, alpha_scale)
+        if alpha_scale is not KEEP:
+            self.route_ctx = self._context(self.call)
+        try:
+            yield self.call
+        finally:
+            self.call, self.route_ctx = saved
+
+    @property
+    def alpha(self):
+        """The substitution alpha of the call now running (a float or a [N] tensor)."""
+        return self.call.alpha
 
     @contextmanager
     def prefilling(self):
@@ -153,33 +227,29 @@ class ExpertManager:
         y = torch.matmul(down, (self.act_fn(g) * u).unsqueeze(-1)).squeeze(-1).to(x.dtype)  # [m, H]
         return (w.to(x.dtype) @ y).unsqueeze(0)  # [1, H], summed in the activation dtype as the per-expert path
 
-    def _direct_weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read `key` into this thread's staging buffer and return gate_up / down views (no cache insertion).
-
-        On CPU the views are on the slot dtype. On CUDA they are float32 *host* tensors: a direct miss is computed
-        on the CPU (SMoE Algorithm 2, Fiddler), so its bytes never cross PCIe."""
+    def direct_weights(self, key: Key) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read `key` into this thread's staging buffer and return gate_up [2I, H] / down [H, I] views of it (no
+        cache insertion), valid until this thread's next read. On CPU the views are in the slot dtype; on CUDA
+        they are float32 *host* tensors: a direct miss is computed on the CPU (SMoE Algorithm 2, Fiddler), so its
+        bytes never cross PCIe."""
         stage = self.reader.staging()
         self.reader.read_bytes(key, stage)
         lay = self.pool.layout
         h, i = lay.hidden, lay.intermediate
         want = self.pool.dtype if self.pool.device.type == "cpu" else torch.float32
         if stage.dtype != want:
-            scratch = self._scratch(want)
-            scratch.copy_(stage)  # into a preallocated buffer: no allocation per miss
-            stage = scratch
+            buf = self._scratch_buf
+            if buf is None or buf.dtype != want:
+                buf = self._scratch_buf = torch.empty(self.pool.slot_numel, dtype=want)  # host memory, once
+            buf.copy_(stage)  # into a preallocated buffer: no allocation per miss
+            stage = buf
         return stage[: 2 * i * h].view(2 * i, h), stage[2 * i * h:].view(h, i)
 
-    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
-        buf = getattr(self, "_scratch_buf", None)
-        if buf is None or buf.dtype != dtype:
-            buf = torch.empty(self.pool.slot_numel, dtype=dtype)  # host memory on every device
-            self._scratch_buf = buf
-        return buf
-
-    # ---- loading ---------------------------------------------------------------------------------------------
-    def _submit(self, key: Key, is_prefetch: bool) -> bool:
-        layer = key[0]
-        if not self.cache.can_acquire(layer):
+    # ---- reads -----------------------------------------------------------------------------------------------
+    def start_read(self, key: Key, prefetch: bool = False) -> bool:
+        """Acquire a slot for `key` (evicting per policy), pin it and start its read (on the loader's threads, or
+        here with io_threads=0); False when every slot of its partition is shielded."""
+        if not self.cache.can_acquire(key[0]):
             return False
         slot = self.cache.acquire(key)
         self.cache.pin(slot)
@@ -192,23 +262,20 @@ class ExpertManager:
             ev.record(torch.cuda.current_stream(self.pool.device))
             copy_stream.wait_event(ev)
         if evicted is not None:
-            self.layer_stats.setdefault(evicted[0], LayerStats()).evictions += 1
-        if evicted is not None and evicted in self.prefetched_unused:
-            self.prefetched_unused.discard(evicted)
-            self.prefetch_wasted += 1
+            self.note_eviction(evicted)
         if self.loader is None:
             fut: Future = Future()
             try:
                 fut.set_result(timed_read(self.reader, key, slot))
-            except BaseException as exc:  # surfaced by _finish
+            except BaseException as exc:  # surfaced by wait_read
                 fut.set_exception(exc)
         else:
             fut = self.loader.submit(key, slot)
-        self.inflight[key] = (slot, fut, is_prefetch)
+        self.inflight[key] = (slot, fut, prefetch)
         return True
 
-    def _finish(self, key: Key) -> int:
-        """Wait for an in-flight load, commit it to the cache; returns its (still pinned) slot."""
+    def wait_read(self, key: Key) -> int:
+        """Wait for the read of `key` (in flight), commit it to the cache; returns its slot, still pinned."""
         slot, fut, _ = self.inflight.pop(key)
         t0 = time.perf_counter()
         try:
@@ -219,16 +286,26 @@ class ExpertManager:
             raise
         if event is not None:
             torch.cuda.current_stream(self.pool.device).wait_event(event)
-        self.stall_seconds += time.perf_counter() - t0
-        self.layer_stats.setdefault(key[0], LayerStats()).bytes_read += self.pool.layout.disk_bytes
+        c = self.counters
+        c.stall_seconds += time.perf_counter() - t0
+        c.layer(key[0]).bytes_read += self.pool.layout.disk_bytes
         # a load's cost to the layer: its read time shared by the readers working in parallel (not its time in the
         # queue, which grows with the number of loads and would bias the hybrid split towards direct)
-        self.cost_load.add(read_seconds / (self.io_parallel if self.loader is not None else 1))
-        self.cache.commit(key, slot, count_miss=False)
+        self.cost_load.add(read_seconds / (self.options.io_parallel if self.loader is not None else 1))
+        self.cache.commit(key, slot)
         return slot
 
-    def _settle(self, layer: int, needed: set[int]) -> None:
-        """Commit finished loads; cancel this layer's prefetches that routing did not ask for."""
+    def note_eviction(self, key: Key) -> None:
+        """Count the eviction of `key`; a prefetched expert evicted before any use was a wasted prefetch."""
+        c = self.counters
+        c.evictions += 1
+        c.layer(key[0]).evictions += 1
+        if key in self.prefetched_unused:
+            self.prefetched_unused.discard(key)
+            c.prefetch_wasted += 1
+
+    def _settle(self, layer: int, needed) -> None:
+        """Commit finished reads; cancel this layer's prefetches that routing did not ask for."""
         for key in list(self.inflight):
             slot, fut, is_prefetch = self.inflight[key]
             unused = key[0] == layer and key[1] not in needed and is_prefetch
@@ -239,24 +316,24 @@ class ExpertManager:
                 if is_prefetch and fut.exception() is not None:  # a prediction that could not be read: drop it
                     self._drop_prefetch(key, slot)
                     continue
-                self.cache.unpin(self._finish(key))
+                self.cache.unpin(self.wait_read(key))
 
     def _drop_prefetch(self, key: Key, slot: int) -> None:
         del self.inflight[key]
         self.cache.unpin(slot)
         self.cache.release(slot)
         self.prefetched_unused.discard(key)
-        self.prefetch_wasted += 1
+        self.counters.prefetch_wasted += 1
 
     def _fill(self, layer: int, queue: deque, waiting: list) -> None:
-        while queue and self._submit((layer, queue[0]), is_prefetch=False):
+        while queue and self.start_read((layer, queue[0])):
             waiting.append(queue.popleft())
 
     def _drain_one(self) -> None:
         if not self.inflight:
             raise RuntimeError("expert cache: no slot can be freed; the budget is below what one layer needs")
         key = next(iter(self.inflight))
-        self.cache.unpin(self._finish(key))
+        self.cache.unpin(self.wait_read(key))
 
     def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
         """Predict the next MoE layer's experts from x [N, H] through its gate and read the top ones early."""
@@ -271,27 +348,77 @@ class ExpertManager:
             block = self.blocks[nxt]
             pred = block.adapter.route(block.block, x, block.top_k).idx  # [N, k], best first
         # only the most confident predictions: a wrong prefetch costs a read and may evict a useful expert
-        m = self.prefetch_experts or max(1, pred.shape[1] // 2)
+        m = self.options.prefetch_experts or max(1, pred.shape[1] // 2)
         for e in pred[:, :m].unique().tolist():
             key = (nxt, e)
             if self.cache.resident(key) or key in self.inflight:
                 continue
             # on CUDA with a host tier the read is a copy from pinned RAM, issued at once
-            started = self._submit(key, is_prefetch=True) if self.cuda is None else self.cuda.load(key) is not None
+            started = self.start_read(key, prefetch=True) if self.cuda is None else self.cuda.load(key) is not None
             if not started:
                 break
-            self.prefetch_issued += 1
+            self.counters.prefetch_issued += 1
             self.prefetched_unused.add(key)
+
+    # ---- preloading (eMoE, warm start) -----------------------------------------------------------------------
+    def preload(self, keys, wait: bool = True) -> int:
+        """Read (layer, expert) keys into the cache ahead of use, in the order given, stopping when no slot can be
+        freed; returns how many reads were started. Preloads count as neither hits nor misses. With wait=False the
+        reads land in the background (a layer needing one before then waits on it: a read in flight)."""
+        started = 0
+        for key in keys:
+            if self.cache.resident(key) or key in self.inflight:
+                continue
+            ok = self.cuda.load(key) is not None if self.cuda is not None else self.start_read(key)
+            if not ok:
+                break
+            started += 1
+        if wait:
+            for key in list(self.inflight):
+                self.cache.unpin(self.wait_read(key))
+        return started
+
+    def warm_start(self) -> int:
+        """Fill free slots with experts in layer order, lowest index first (SMoE's warm start); returns how many."""
+        n_experts, n = self.pool.layout.num_experts, 0
+        for layer in self.blocks or self.pool.layout.layers:
+            for e in range(n_experts):
+                if not self.cache.free[layer]:
+                    break
+                if not self.cache.resident((layer, e)):
+                    slot = self.cache.acquire((layer, e))
+                    self.reader.read_into((layer, e), slot)
+                    self.cache.commit((layer, e), slot)
+                    n += 1
+        return n
+
+    def touch(self, key: Key) -> None:
+        """A policy access to a resident expert (recency, frequency) that counts as neither hit nor miss."""
+        self.cache.lookup(key)
+
+    def slot(self, key: Key) -> int | None:
+        """The slot of a resident expert, else None."""
+        return self.cache.slot(key)
+
+    def pin(self, key: Key) -> int | None:
+        """Shield a resident expert from eviction until `unpin(slot)`; returns its slot (None: not resident)."""
+        slot = self.cache.slot(key)
+        if slot is not None:
+            self.cache.pin(slot)
+        return slot
+
+    def unpin(self, slot: int) -> None:
+        self.cache.unpin(slot)
 
     # ---- the layer ---------------------------------------------------------------------------------------------
     def run(self, layer: int, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, probs: torch.Tensor | None = None,
-            is_decode: bool = False, substituted: torch.Tensor | None = None) -> torch.Tensor:
-        # x [N, H], idx [N, k], w [N, k], substituted [N, k] bool or None -> out [N, H]
+            decode: bool = False, substituted: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H], idx [N, k], w [N, k], probs [N, E] or None, substituted [N, k] bool or None -> out [N, H]."""
         if self.cuda is not None:
-            return self.cuda.run(layer, x, idx, w, probs, is_decode, substituted)
-        pins, inflight = dict(self.cache.pins), set(self.inflight)
+            return self.cuda.run(layer, x, idx, w, probs, decode, substituted)
+        pins, inflight = self.cache.pins_snapshot(), set(self.inflight)
         try:
-            return self._run(layer, x, idx, w, probs, is_decode, substituted)
+            return self._run(layer, x, idx, w, probs, decode, substituted)
         except BaseException:
             self._recover(pins, inflight)
             raise
@@ -312,98 +439,104 @@ class ExpertManager:
                 except BaseException:  # noqa: BLE001 - this read's own failure is not the one being raised
                     ok = False
             if ok:
-                self.cache.commit(key, slot, count_miss=False)
+                self.cache.commit(key, slot)
             else:
                 self.cache.release(slot)
-        self.cache.pins = pins
+        self.cache.restore_pins(pins)
 
-    def _run(self, layer, x, idx, w, probs, is_decode, substituted) -> torch.Tensor:
-        n_tok, k = idx.shape
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # [N*k] (token, choice) pairs grouped by expert
-        experts, counts = torch.unique_consecutive(flat[order], return_counts=True)
-        tok = order // k
-        wts = w.reshape(-1)[order].to(x.dtype)
-        out = torch.zeros_like(x)
-        stats = self.layer_stats.setdefault(layer, LayerStats())
-        stats.tokens += n_tok
-        stall_at_start = self.stall_seconds
+    def _run(self, layer, x, idx, w, probs, decode, substituted) -> torch.Tensor:
+        lp = _LayerPass(x, idx, w)  # group tokens by expert
+        stats = self.counters.layer(layer)
+        stats.tokens += idx.shape[0]
+        stall_at_start = self.counters.stall_seconds
+        self._settle(layer, lp.groups)
+        resident, waiting, missing = self._classify(layer, lp, idx, substituted, decode, stats)
+        to_load, direct = self.split_misses(layer, missing, probs)
+        if direct and x.device.type != "cpu":  # copied before any expert kernel is queued, so it waits for none
+            lp.host = (x.detach().to("cpu", torch.float32), lp.tok.cpu(), lp.wts.to("cpu", torch.float32))
+        queue = deque(to_load)
+        self._fill(layer, queue, waiting)  # start the misses' reads before computing the resident experts
+        done = self._compute_resident(lp, resident)
+        self._fill(layer, queue, waiting)
+        if decode and self.options.prefetch and not queue:
+            self.prefetch_next(layer, x)  # reads for layer L+1 queue behind this layer's misses
+        self._compute_direct(layer, lp, direct, stats)
+        self._compute_landed(layer, lp, waiting, queue, done)
+        for slot in done:  # release the shield
+            self.cache.unpin(slot)
+        c = self.counters
+        stats.stall_seconds += c.stall_seconds - stall_at_start
+        c.misses_loaded += len(to_load)
+        c.misses_direct += len(direct)
+        return lp.out
 
-        groups: dict[int, tuple[int, int]] = {}
-        start = 0
-        for e, c in zip(experts.tolist(), counts.tolist()):
-            groups[e] = (start, start + c)
-            start += c
-        self._settle(layer, set(groups))
-
-        def compute(gate_up, down, e: int) -> None:
-            t0 = time.perf_counter()
-            s, t = groups[e]
-            ti = tok[s:t]
-            out.index_add_(0, ti, self.expert_forward(gate_up, down, x[ti]) * wts[s:t, None])
-            self.compute_seconds += time.perf_counter() - t0
-
-        host = None  # (x, tok, wts) on the CPU for direct misses of a CUDA layer, copied before any expert kernel
-        # is queued so that the copy does not wait for them
-
-        def compute_on_host(gate_up, down, e: int) -> None:
-            hx, htok, hw = host
-            s, t = groups[e]
-            y = self.expert_forward(gate_up, down, hx[htok[s:t]]) * hw[s:t, None]  # [n, H] on the CPU
-            out.index_add_(0, tok[s:t], y.to(out.device, out.dtype))
-
-        sub_only = self.count_substitutions(stats, idx, substituted)
+    def _classify(self, layer: int, lp: _LayerPass, idx, substituted, decode: bool, stats: LayerStats):
+        """Resident experts (pinned), experts whose read is in flight, and missing ones; counts all three."""
+        sub_only = self.count_substitutions(stats, idx, substituted, decode)
         resident, waiting, missing = [], [], []
-        for e in groups:
+        cache = self.cache
+        for e in lp.groups:
             key = (layer, e)
             self.note_prefetch_use(key, stats)
-            slot = self.cache.lookup(key, count=False)
+            slot = cache.lookup(key)
             if slot is not None:
-                self.cache.pin(slot)  # shield: not evictable until computed
+                cache.pin(slot)  # shield: not evictable until computed
                 resident.append((e, slot))
             elif key in self.inflight:
                 waiting.append(e)
-                self.cache.policy.on_access(key)
+                cache.policy.on_access(key)
             else:
                 missing.append(e)
-        n_hit = sum(e not in sub_only for e, _ in resident) + sum(e not in sub_only for e in waiting)
-        self.cache.hits += n_hit
-        self.cache.misses += len(missing)
-        stats.hits += n_hit
-        stats.misses += len(missing)
-        if is_decode:
-            self.decode_misses += len(missing)
-            self.decode_hits += n_hit
+        n_hit = sum(e not in sub_only for e, _ in resident)
+        n_wait = sum(e not in sub_only for e in waiting)
+        self.account(stats, self.counters.phase(decode), n_hit, len(missing), n_wait)
+        return resident, waiting, missing
 
-        to_load, direct = self._split_misses(layer, missing, probs)
-        if direct and x.device.type != "cpu":
-            host = (x.detach().to("cpu", torch.float32), tok.cpu(), wts.to("cpu", torch.float32))
-        queue = deque(to_load)
-        self._fill(layer, queue, waiting)  # start I/O before computing the resident experts
+    def _compute(self, lp: _LayerPass, gate_up: torch.Tensor, down: torch.Tensor, e: int) -> None:
+        t0 = time.perf_counter()
+        s, t = lp.groups[e]
+        ti = lp.tok[s:t]
+        lp.out.index_add_(0, ti, self.expert_forward(gate_up, down, lp.x[ti]) * lp.wts[s:t, None])
+        self.counters.compute_seconds += time.perf_counter() - t0
 
-        done: deque[int] = deque()  # computed slots stay shielded until the layer finishes
-        if n_tok == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
+    def _compute_on_host(self, lp: _LayerPass, gate_up: torch.Tensor, down: torch.Tensor, e: int) -> None:
+        hx, htok, hw = lp.host
+        s, t = lp.groups[e]
+        y = self.expert_forward(gate_up, down, hx[htok[s:t]]) * hw[s:t, None]  # [n, H] on the CPU
+        lp.out.index_add_(0, lp.tok[s:t], y.to(lp.out.device, lp.out.dtype))
+
+    def _compute_resident(self, lp: _LayerPass, resident: list) -> deque:
+        """The resident experts, while the misses' reads run; returns their slots (still shielded)."""
+        done: deque[int] = deque()
+        if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
             t0 = time.perf_counter()
             slots = [slot for _, slot in resident]
-            w_res = torch.stack([wts[slice(*groups[e])].sum() for e, _ in resident])  # [m] (an expert listed twice:
-            # its weights add up, the token being the same)
-            out += self.grouped_forward(slots, x, w_res)
+            if len(resident) == len(lp.groups) == lp.wts.shape[0]:  # all resident, each expert once: the sorted
+                w_res = lp.wts  # weights are already one per expert, in the same order
+            else:  # [m] (an expert listed twice: its weights add up, the token being the same)
+                w_res = torch.stack([lp.wts[slice(*lp.groups[e])].sum() for e, _ in resident])
+            lp.out += self.grouped_forward(slots, lp.x, w_res)
             done.extend(slots)
-            self.compute_seconds += time.perf_counter() - t0
+            self.counters.compute_seconds += time.perf_counter() - t0
         else:
             for e, slot in resident:
-                compute(self.pool.gate_up(slot), self.pool.down(slot), e)
+                self._compute(lp, self.pool.gate_up(slot), self.pool.down(slot), e)
                 done.append(slot)
-        self._fill(layer, queue, waiting)
-        if is_decode and self.prefetch and not queue:
-            self.prefetch_next(layer, x)  # reads for layer L+1 queue behind this layer's misses
-        for e in direct:  # computed from the read buffer on this thread while the loader fills slots
+        return done
+
+    def _compute_direct(self, layer: int, lp: _LayerPass, direct: list, stats: LayerStats) -> None:
+        """Direct misses: read into this thread's buffer and computed here while the loader fills slots."""
+        c = self.counters
+        for e in direct:
             t0 = time.perf_counter()
-            gate_up, down = self._direct_weights((layer, e))
-            self.stall_seconds += time.perf_counter() - t0
+            gate_up, down = self.direct_weights((layer, e))
+            c.stall_seconds += time.perf_counter() - t0
             stats.bytes_read += self.pool.layout.disk_bytes
-            (compute if host is None else compute_on_host)(gate_up, down, e)
+            (self._compute if lp.host is None else self._compute_on_host)(lp, gate_up, down, e)
             self.cost_direct.add(time.perf_counter() - t0)
+
+    def _compute_landed(self, layer: int, lp: _LayerPass, waiting: list, queue: deque, done: deque) -> None:
+        """Loaded misses (and reads in flight), each as its bytes land; reads still queued start as slots free."""
         while waiting or queue:
             if not waiting:  # no slot free: lift the shield of a computed expert, else let a read land
                 if done:
@@ -413,18 +546,24 @@ class ExpertManager:
                 self._fill(layer, queue, waiting)
                 continue
             e = waiting.pop(0)
-            slot = self._finish((layer, e))
-            compute(self.pool.gate_up(slot), self.pool.down(slot), e)
+            slot = self.wait_read((layer, e))
+            self._compute(lp, self.pool.gate_up(slot), self.pool.down(slot), e)
             done.append(slot)
             self._fill(layer, queue, waiting)
-        for slot in done:
-            self.cache.unpin(slot)
-        stats.stall_seconds += self.stall_seconds - stall_at_start
-        self.loaded_misses += len(to_load)
-        self.direct_misses += len(direct)
-        return out
 
-    def count_substitutions(self, stats: LayerStats, idx: torch.Tensor, substituted: torch.Tensor | None) -> set[int]:
+    # ---- counting (shared with the CUDA path) ----------------------------------------------------------------
+    @staticmethod
+    def account(stats: LayerStats, phase: PhaseCounts, hits: int, misses: int, in_flight: int) -> None:
+        """Count a layer pass's exact hits, misses and reads in flight in its layer and phase."""
+        stats.hits += hits
+        stats.misses += misses
+        stats.in_flight += in_flight
+        phase.hits += hits
+        phase.misses += misses
+        phase.in_flight += in_flight
+
+    def count_substitutions(self, stats: LayerStats, idx: torch.Tensor, substituted: torch.Tensor | None,
+                            decode: bool) -> set[int]:
         """Count a layer's substituted evaluations (idx [N, k], substituted [N, k] bool or None, same device).
         Returns the experts present only as substitutes: resident by construction, so their lookups are
         substitutions, not hits."""
@@ -433,7 +572,7 @@ class ExpertManager:
         n_sub = int(substituted.sum())
         if not n_sub:
             return set()
-        self.substitutions += n_sub
+        self.counters.phase(decode).substitutions += n_sub
         stats.substitutions += n_sub
         return set(idx[substituted].tolist()) - set(idx[~substituted].tolist())
 
@@ -441,16 +580,18 @@ class ExpertManager:
         """A layer asked for `key`: if a prefetch brought it, that prefetch was used."""
         if key in self.prefetched_unused:
             self.prefetched_unused.discard(key)
-            self.prefetch_used += 1
+            self.counters.prefetch_used += 1
             stats.prefetch_hits += 1
 
-    def _split_misses(self, layer: int, missing: list[int], probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
-        if not missing or self.miss_policy == "load":
+    def split_misses(self, layer: int, missing: list[int], probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
+        """(to load into the cache, to compute directly) per miss_policy; "hybrid": the highest-scoring misses go
+        to the cache (likely reused), the low end is computed directly, balancing n_load * C_load against
+        n_direct * C_direct (SMoE Algorithm 2) with the measured running costs."""
+        policy = self.options.miss_policy
+        if not missing or policy == "load":
             return missing, []
-        if self.miss_policy == "direct":
+        if policy == "direct":
             return [], missing
-        # hybrid: highest-scoring misses go to the cache (likely reused), the low end is computed directly;
-        # two pointers balance n_load * C_load against n_direct * C_direct (SMoE Algorithm 2)
         if probs is not None:
             score = probs.float().mean(0)
             missing = sorted(missing, key=lambda e: -float(score[e]))
@@ -476,31 +617,35 @@ class OffloadedMoEBlock(nn.Module):
         self.manager = manager
 
     @torch.compiler.disable  # a compiled decoder layer breaks its graph here (compile_decode compiles the graph
-    # path, `_graph_forward`, on its own; the eager path has host-side cache bookkeeping)
+    # path, `graph_forward`, on its own; the eager path has host-side cache bookkeeping)
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]
         m = self.manager
         if m.graph_buffers is not None:  # being captured into a CUDA graph: device-only path
-            return self._graph_forward(x).reshape(bsz, seq, hid)
+            return self.graph_forward(x).reshape(bsz, seq, hid)
         m.last_x = x  # observers (trace recorder) may predict the next layer from it
         if m.replay is not None:
             idx, probs = m.replay.route(self.layer, x.shape[0], self.top_k, x.device)  # idx [N, k], probs [N, E]
             routing = Routing(probs, probs, idx, self.adapter.weigh(self.block, probs, idx))
         else:
             routing = self.adapter.route(self.block, x, self.top_k)  # idx [N, k]
-        is_decode = seq == 1 and not m.prefill
-        for obs in m.observers:
-            obs(self.layer, routing, is_decode)
-        if m.substitute is not None and (is_decode or m.substitute_in_prefill) and alpha_positive(m.alpha):
-            routing = m.substitute(m, self.layer, self.block, routing, m.alpha)
-        out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, is_decode, routing.substituted)
+        decode = seq == 1 and not m.prefill
+        if m._observers:
+            phase = DECODE if decode else PREFILL
+            for obs in m._observers:
+                obs(self.layer, routing, phase)
+        call = m.call
+        if call.hook is not None and (decode or call.in_prefill) and alpha_positive(call.alpha):
+            routing = call.hook(m.route_ctx, self.layer, self.block, routing, call.alpha)
+        out = m.run(self.layer, x, routing.idx, routing.weights, routing.probs, decode, routing.substituted)
         shared = self.adapter.shared(self.block, x)
         if shared is not None:
             out = out + shared
         return out.reshape(bsz, seq, hid)
 
-    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def graph_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The capture-safe path (x [N, H] -> [N, H]): routing and the routed experts on the device, no host sync."""
         m, b = self.manager, self.manager.graph_buffers
         if b.replay_idx is not None:
             r = m.cuda.row[self.layer]
@@ -511,3 +656,7 @@ class OffloadedMoEBlock(nn.Module):
         out = m.cuda.graph_forward(self.layer, x, routing, b, self.block, self.adapter)
         shared = self.adapter.shared(self.block, x)
         return out if shared is None else out + shared
+
+    def compile_graph_forward(self) -> None:
+        """torch.compile the capture-safe path (graph_decode.compile_decode, once per engine)."""
+        self.graph_forward = torch.compile(self.graph_forward, dynamic=False)

@@ -1,8 +1,10 @@
 """SMoE's expert-cache router (Algorithm 1): substitute low-importance cache misses by resident near-cut-off experts.
 
-Contract: `cache_router(manager, layer, block, routing, alpha) -> Routing` is installed as `ExpertManager.substitute`
-and called by `OffloadedMoEBlock` once per MoE layer per forward pass in decode (and in prefill only if
-`substitute_in_prefill`), only when alpha > 0. `alpha` is a float or a per-token tensor [N] in [0, 1).
+Contract: `cache_router(ctx, layer, block, routing, alpha) -> Routing` is the engine's routing hook (a
+`moe_layer.RoutingHook`), called by `OffloadedMoEBlock` once per MoE layer per forward pass in decode (and in prefill
+only if the call's in_prefill is set), only when alpha > 0. `ctx` (`moe_layer.RouteContext`) gives the architecture
+adapter, expert residency and the call's substitution settings. `alpha` is a float or a per-token tensor [N] in
+[0, 1).
 
 Per token n (vectorised over the N tokens of the pass; k = top-k, E = routed experts):
   score      the gate score `routing.probs[n]` of every expert (softmax over all experts; sigmoid for DeepSeek-V3):
@@ -19,20 +21,23 @@ Per token n (vectorised over the N tokens of the pass; k = top-k, E = routed exp
   token); misses left without a candidate stay and are loaded (or handled by the manager's miss path). A substitute
   is weighted by its own gate score through `adapter.weigh`, which renormalises over the new set only where the
   architecture normalises top-k.
-Mode (`manager.substitution_mode`): "always" substitutes every miss it can (the paper). "stall" (beyond the paper)
-counts what a substitution saves: a layer's misses are read `P = manager.io_parallel` at a time, so it waits for
+Mode (`ctx.substitution_mode`): "always" substitutes every miss it can (the paper). "stall" (beyond the paper)
+counts what a substitution saves: a layer's misses are read `P = ctx.io_parallel` at a time, so it waits for
 ceil(misses / P) rounds of reads, and a substitution that does not remove a round costs accuracy for nothing. It
 substitutes the fewest low-score misses (lowest score first) that reach the fewest rounds possible, and none when
 no round can be removed. Residency (not reads in flight) decides what is a miss.
-Per-layer profile (beyond the paper): with `manager.alpha_scale` = {layer: m} (EngineConfig.substitution_profile),
+Per-layer profile (beyond the paper): with `ctx.alpha_scale` = {layer: m} (EngineConfig.substitution_profile),
 layer L runs at min(alpha * m, 0.95); a multiplier of 0 keeps that layer exact.
 alpha = 0 returns the routing object unchanged (the candidate window ((1-0)S, S] is empty), so outputs are bit for
 bit the exact model's.
 
+`plan_batch(..., sync=False)` is the same plan with no host synchronisation (the CUDA graph path runs it on the
+device).
+
 Accounting: the returned Routing marks substituted entries (`Routing.substituted`); `ExpertManager.run` counts them
 as substitutions and never as cache hits, so `expert_hits` keeps counting exact hits only (SMoE's code counted
-substitutions as hits). For a batch of one token (decode): expert_hits + expert_misses + expert_substitutions =
-evaluations the exact model asked for.
+substitutions as hits). For a batch of one token (decode): expert_hits + expert_misses + expert_reads_in_flight +
+expert_substitutions = evaluations the exact model asked for (moelite.core.counters).
 """
 
 from __future__ import annotations
@@ -63,13 +68,13 @@ def _alpha_column(alpha, n: int, device) -> torch.Tensor:
     return torch.full((n, 1), float(alpha), dtype=torch.float32, device=device)
 
 
-def resident_mask(manager, layer: int, n_experts: int, device) -> torch.Tensor:
-    """[E] bool: which experts of `layer` sit in the cache now."""
-    return torch.tensor(_resident_list(manager, layer, n_experts), dtype=torch.bool, device=device)
+def resident_mask(ctx, layer: int, n_experts: int, device) -> torch.Tensor:
+    """[E] bool: which experts of `layer` sit in the cache now (`ctx` a RouteContext)."""
+    return torch.tensor(_resident_list(ctx, layer, n_experts), dtype=torch.bool, device=device)
 
 
-def _resident_list(manager, layer: int, n_experts: int) -> list[bool]:
-    res = manager.cache.resident
+def _resident_list(ctx, layer: int, n_experts: int) -> list[bool]:
+    res = ctx.resident
     return [res((layer, e)) for e in range(n_experts)]
 
 
@@ -79,7 +84,7 @@ def plan(routing: Routing, k: int, alpha, resident: torch.Tensor):
     tiny tensor ops cost more than the Python on 64 numbers."""
     if routing.probs.shape[0] == 1:
         return _plan_one(routing, k, alpha, resident)
-    return _plan_batch(routing, k, alpha, resident)
+    return plan_batch(routing, k, alpha, resident)
 
 
 def _plan_one(routing: Routing, k: int, alpha, resident, stall_parallel: int = 0):
@@ -142,9 +147,10 @@ def _plan_one_lists(routing: Routing, k: int, alpha, resident, stall_parallel: i
     return new, subbed
 
 
-def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor, sync: bool = True):
-    """sync=False (inside a CUDA graph): no early exits that read device values; the plan may substitute nothing
-    (new_idx == idx, substituted all False). `alpha` may then be an [N, 1] device tensor."""
+def plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor, sync: bool = True):
+    """`plan` for N tokens as tensor operations. sync=False (inside a CUDA graph): no early exits that read device
+    values; the plan may substitute nothing (new_idx == idx, substituted all False). `alpha` may then be an [N, 1]
+    device tensor."""
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [N,E], [N,E], [N,k]
     n, e = probs.shape
     if e <= k:
@@ -177,24 +183,23 @@ def _plan_batch(routing: Routing, k: int, alpha, resident: torch.Tensor, sync: b
     return new_idx, substituted
 
 
-def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing:
-    """The `ExpertManager.substitute` hook: SMoE Algorithm 1 for one MoE layer (see the module docstring)."""
-    scale = getattr(manager, "alpha_scale", None)
+def cache_router(ctx, layer: int, block, routing: Routing, alpha) -> Routing:
+    """The engine's routing hook: SMoE Algorithm 1 for one MoE layer (see the module docstring)."""
+    scale = ctx.alpha_scale
     if scale:  # calibrated per-layer profile: layers whose substitutions cost more accuracy get a smaller alpha
         alpha = layer_alpha(alpha, scale.get(layer, 1.0))
     if not alpha_positive(alpha):
         return routing
     k = routing.idx.shape[1]
     n, e = routing.probs.shape
-    parallel = max(1, int(getattr(manager, "io_parallel", 1))) \
-        if getattr(manager, "substitution_mode", "always") == "stall" else 0
+    parallel = max(1, ctx.io_parallel) if ctx.substitution_mode == "stall" else 0
     if n == 1:  # decode at batch 1: lists all the way (see plan)
-        out = _plan_one(routing, k, alpha, _resident_list(manager, layer, e), parallel)
+        out = _plan_one(routing, k, alpha, _resident_list(ctx, layer, e), parallel)
         if out is None:
             return routing
         new_idx, substituted = out
     else:
-        resident = resident_mask(manager, layer, e, routing.probs.device)
+        resident = resident_mask(ctx, layer, e, routing.probs.device)
         out = plan(routing, k, alpha, resident)
         if out is None:
             return routing
@@ -204,27 +209,5 @@ def cache_router(manager, layer: int, block, routing: Routing, alpha) -> Routing
             after = int((~resident[new_idx.unique()]).sum())
             if _rounds(after, parallel) == _rounds(before, parallel):
                 return routing
-    adapter = _adapter_of(manager, block)
-    weights = adapter.weigh(block, routing.probs, new_idx)  # [N,k] substitutes weighted by their own scores
+    weights = ctx.adapter.weigh(block, routing.probs, new_idx)  # [N,k] substitutes weighted by their own scores
     return Routing(routing.probs, routing.choice, new_idx, weights.to(routing.weights.dtype), substituted)
-
-
-_ADAPTERS: dict[type, object] = {}
-
-
-def _adapter_of(manager, block):
-    """The architecture adapter of `block` (the hook's signature carries none): `manager.adapter` if set, else the
-    adapter of the transformers model type the block's class comes from (transformers.models.<type>.modeling_<type>)."""
-    adapter = getattr(manager, "adapter", None)
-    if adapter is not None:
-        return adapter
-    cls = type(block)
-    if cls not in _ADAPTERS:
-        from moelite.core.arch import adapter_for
-
-        parts = cls.__module__.split(".")
-        if len(parts) < 3 or parts[-3] != "models":
-            raise RuntimeError(f"cache_router: cannot tell the architecture of {cls.__module__}.{cls.__name__}; "
-                               "set manager.adapter")
-        _ADAPTERS[cls] = adapter_for(parts[-2])
-    return _ADAPTERS[cls]

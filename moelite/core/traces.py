@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from moelite.core.arch.base import Routing
 
@@ -34,7 +35,7 @@ class TraceRecorder:
         self._step_of_layer: dict[int, int] = {}
         self.rows: dict[str, list] = {"request": [], "step": [], "layer": [], "token": [], "idx": [], "probs": [],
                                       "pred": []}
-        engine.manager.observers.append(self._observe)
+        engine.manager.add_observer(self._observe)
 
     @contextmanager
     def recording(self, **meta):
@@ -47,8 +48,8 @@ class TraceRecorder:
         finally:
             self.active = False
 
-    def _observe(self, layer: int, routing: Routing, is_decode: bool) -> None:
-        if not self.active or (not is_decode and not self.include_prefill):
+    def _observe(self, layer: int, routing: Routing, phase: str) -> None:
+        if not self.active or (phase != "decode" and not self.include_prefill):
             return
         step = self._step_of_layer.get(layer, -1) + 1  # each layer runs once per forward
         self._step_of_layer[layer] = step
@@ -70,8 +71,7 @@ class TraceRecorder:
         self.rows["pred"].append(pred)
 
     def close(self) -> None:
-        if self._observe in self.engine.manager.observers:
-            self.engine.manager.observers.remove(self._observe)
+        self.engine.manager.remove_observer(self._observe)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -161,37 +161,16 @@ class TraceReplay:
         return idx, probs
 
 
-def record(engine, prompts: list[tuple[str, str]], max_tokens: int, out: str | Path, seed: int = 0) -> Path:
-    """Generate for each (domain, prompt) with the engine, recording routing; save to `out`."""
+def record(engine, prompts: list[tuple[str, str]], max_tokens: int, out: str | Path, seed: int = 0,
+           progress: bool = False) -> Path:
+    """Generate for each (domain, prompt) with the engine, recording routing; save to `out` (`progress`: a bar on
+    stderr)."""
     rec = TraceRecorder(engine)
     try:
-        for i, (domain, prompt) in enumerate(prompts):
+        for i, (domain, prompt) in enumerate(tqdm(prompts, desc="trace", unit="prompt", disable=not progress)):
             with rec.recording(domain=domain, prompt=prompt):
                 engine.generate(prompt, max_tokens=max_tokens, temperature=0.8, top_p=0.95, seed=seed + i)
     finally:
         rec.close()
     return rec.save(out)
 
-
-def register_cli(sub) -> None:
-    from moelite.cli import add_engine_flags, engine_config
-
-    p = sub.add_parser("trace", help="record a routing trace (.npz) over a prompt set")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    p.add_argument("--prompts", default=None, help="prompt file (default: built-in prompts of three domains)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repeat", type=int, default=1, help="pass over the prompt set this many times")
-    p.add_argument("--out", required=True)
-    add_engine_flags(p)
-
-    def run(args) -> int:
-        from moelite.engine import Engine
-        from moelite.eval.prompts import load_prompts
-
-        engine = Engine(args.model, engine_config(args), progress=False)
-        prompts = load_prompts(args.prompts) * args.repeat
-        path = record(engine, prompts, args.max_tokens, args.out)
-        print(json.dumps({"trace": str(path), "requests": len(prompts), "max_tokens": args.max_tokens}))
-        return 0
-
-    p.set_defaults(func=run)

@@ -9,7 +9,9 @@ Contract:
     misses as an ordinary cache); `keep=False` pins it only until its layer's prefill routing is seen (`shield`).
     Misses are handled by the engine as usual (exact); `reroute=True` installs `sensitivity.reroute_to_resident`
     (lossy). It times its own work (classifier, predictor calls, planning, routing observer) apart from the expert
-    reads; `generate()` adds per-request stats (see its docstring).
+    reads; `generate()` adds per-request stats (see its docstring), from the engine's counters (prefill and
+    decode apart: moelite.core.counters). Residency is shaped only through the expert manager's public methods
+    (`preload`, `touch`, `slot`, `pin`, `unpin`).
   - `make_resident(engine, keys)`: make (layer, expert) keys resident, best first.
 """
 
@@ -31,11 +33,11 @@ MODES = ("none", "every", "periodic", "task")
 def make_resident(engine, keys: list) -> int:
     """Make (layer, expert) keys resident, best first; returns the reads done. Planned experts already resident
     are touched first (best last), so that the policy evicts experts outside the plan to make room for the rest."""
-    cache = engine.manager.cache
+    m = engine.manager
     for key in reversed(keys):
-        if cache.resident(key):
-            cache.lookup(key, count=False)  # a policy access, not counted as a hit
-    missing = [k for k in keys if not cache.resident(k)]
+        if m.slot(key) is not None:
+            m.touch(key)  # a policy access, not counted as a hit
+    missing = [k for k in keys if m.slot(k) is None]
     return engine.preload(missing) if missing else 0
 
 
@@ -82,19 +84,17 @@ class Preloader:
         self._pos = {layer: i for i, layer in enumerate(self.layers)}
         self.account = account
         self._cur: RequestRouting | None = None
-        self._prefill_end: tuple | None = None
         self._hits = {"prefill": [0, 0, 0, 0], "decode": [0, 0, 0, 0]}
-        engine.manager.observers.append(self._observe)
+        engine.manager.add_observer(self._observe)
 
-    def _observe(self, layer, routing, is_decode) -> None:
+    def _observe(self, layer, routing, phase: str) -> None:
         if self._cur is None:
             return
         t0 = time.perf_counter()
         m = self.engine.manager
         for slot in self._pinned.pop(layer, ()):  # this layer runs now: its preloaded experts may be evicted again
-            m.cache.unpin(slot)
-        if is_decode and self._prefill_end is None:  # first decode layer: the prefill's counters are final
-            self._prefill_end = (m.cache.hits, m.cache.misses)
+            m.unpin(slot)
+        is_decode = phase == "decode"
         self._seen.append((self._pos[layer], is_decode, routing.idx))  # counted once, in after()
         t1 = time.perf_counter()
         self.t["observe_s"] += t1 - t0
@@ -102,9 +102,9 @@ class Preloader:
             n: dict = {}
             for e in routing.idx.reshape(-1).tolist():
                 n[e] = n.get(e, 0) + 1
-            h = self._hits["decode" if is_decode else "prefill"]
+            h = self._hits[phase]
             for e, c in n.items():
-                hit = (layer, e) in m.cache.slot_of or (layer, e) in m.inflight
+                hit = m.slot((layer, e)) is not None  # resident: what the engine counts as an exact hit
                 h[0 if hit else 1] += 1
                 h[2 if hit else 3] += c
             self.t["account_s"] += time.perf_counter() - t1
@@ -144,20 +144,21 @@ class Preloader:
                 scores = self.freq[None]
             plan = plan_preload(scores, self.slots, self.scope)
             keys = [(self.layers[p], e) for p, e in plan]
-            cache = self.engine.manager.cache
+            m = self.engine.manager
             if self.keep:  # experts dropped from the plan become evictable before the new plan is read
                 new = set(keys)
                 for key in [k for k in self._kept if k not in new]:
-                    cache.unpin(self._kept.pop(key))
+                    m.unpin(self._kept.pop(key))
             self.t["plan_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             info["preloaded"] = make_resident(self.engine, keys)
             self.t["preload_s"] += time.perf_counter() - t0
             for key in keys:  # pin the plan: until its layer's prefill (shield) or until the plan changes (keep)
-                slot = cache.slot_of.get(key)
-                if slot is None or (self.keep and key in self._kept) or not (self.keep or self.shield):
+                if (self.keep and key in self._kept) or not (self.keep or self.shield):
                     continue
-                cache.pin(slot)
+                slot = m.pin(key)
+                if slot is None:
+                    continue
                 if self.keep:
                     self._kept[key] = slot
                 else:
@@ -172,7 +173,7 @@ class Preloader:
         """Unpin every preloaded expert still shielded (a request that ended or failed before reaching a layer)."""
         for slots in self._pinned.values():
             for slot in slots:
-                self.engine.manager.cache.unpin(slot)
+                self.engine.manager.unpin(slot)
         self._pinned = {}
 
     def after(self) -> RequestRouting:
@@ -192,19 +193,19 @@ class Preloader:
 
     def generate(self, prompt: str, **kw):
         """before() + engine.generate() + after(); the Generation's stats gain: task, predicted, preloaded (reads),
-        prediction_overhead_s, preload_s, prefill_/decode_hits/misses (engine counters, split at the first decode
-        layer), routed = {"prefill"|"decode": [distinct hits, distinct misses, selection hits, selection misses]}
-        (residency as the router asked, before rerouting; with `account`), and `ttft_total_s` / `request_s` from
+        prediction_overhead_s, preload_s, prefill_/decode_hits/misses (the engine's counters of this request, by
+        phase; a read still in flight when needed is not a hit), routed = {"prefill"|"decode": [distinct hits,
+        distinct misses, selection hits, selection misses]} (residency as the router asked, before rerouting; with
+        `account`), and `ttft_total_s` / `request_s` from
         arrival (tokenising, classifier, predictor, planning and expert reads included)."""
-        e, m = self.engine, self.engine.manager
+        e = self.engine
         t0 = time.perf_counter()
         ids = e.encode(prompt)
         before = (self.t["classify_s"] + self.t["predict_s"] + self.t["plan_s"], self.t["preload_s"])
         info = self.before(prompt, len(ids))
         overhead = self.t["classify_s"] + self.t["predict_s"] + self.t["plan_s"] - before[0]
         preload_s = self.t["preload_s"] - before[1]
-        c0 = (m.cache.hits, m.cache.misses)
-        self._prefill_end = None
+        c0 = e.counters()
         self._hits = {"prefill": [0, 0, 0, 0], "decode": [0, 0, 0, 0]}
         pre_s = time.perf_counter() - t0  # arrival -> prefill starts: tokenise, classify, predict, plan, read
         try:
@@ -216,11 +217,10 @@ class Preloader:
                 gen = e.generate(ids, **kw)
         finally:
             self.after()
-        end = (m.cache.hits, m.cache.misses)
-        mid = self._prefill_end or end  # exact hits/misses: substitution hooks keep cache.hits exact
+        spent = e.counters() - c0  # exact hits: substitutions are counted apart
         gen.stats.update(info, prediction_overhead_s=overhead, preload_s=preload_s,
-                         prefill_hits=mid[0] - c0[0], prefill_misses=mid[1] - c0[1],
-                         decode_hits=end[0] - mid[0], decode_misses=end[1] - mid[1],
+                         prefill_hits=spent.prefill.hits, prefill_misses=spent.prefill.reads_waited,
+                         decode_hits=spent.decode.hits, decode_misses=spent.decode.reads_waited,
                          routed={k: list(v) for k, v in self._hits.items()},
                          ttft_total_s=pre_s + gen.stats.get("ttft_s", 0.0), request_s=time.perf_counter() - t0)
         return gen
@@ -232,7 +232,6 @@ class Preloader:
     def close(self) -> None:
         self.release()
         for slot in self._kept.values():
-            self.engine.manager.cache.unpin(slot)
+            self.engine.manager.unpin(slot)
         self._kept = {}
-        if self._observe in self.engine.manager.observers:
-            self.engine.manager.observers.remove(self._observe)
+        self.engine.manager.remove_observer(self._observe)

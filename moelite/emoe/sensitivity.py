@@ -6,8 +6,10 @@ Contract:
     exact model's; layer j is *insensitive* (s = 0) when the similarity with layers 0..j randomised stays >= the
     threshold (once it drops, that layer and all deeper ones are sensitive).
   - `similarity(ref, gen)` -> token agreement (position-wise) and n-gram F1 (mean over n = 1..4) of two token lists.
-  - `random_router`, `routing_override` (a context manager installing a routing hook for one call),
-    `reroute_to_resident` (a lossy hook that sends missing experts to resident ones).
+  - `random_router`, `routing_override` (a context manager: a routing hook for the calls inside, prefill
+    included; `engine.request(hook=...)` underneath, so it ends with the block), `reroute_to_resident` (a lossy
+    hook that sends missing experts to resident ones). Hooks have the engine's hook type,
+    fn(ctx: moe_layer.RouteContext, layer, block, routing, alpha) -> Routing.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from moelite.core.arch.base import Routing
+from moelite.core.substitution import resident_mask
 
 def similarity(ref: list[int], gen: list[int], n_max: int = 4) -> dict:
     """Token agreement (share of positions of the longer list where both have the same token) and n-gram F1
@@ -49,11 +52,11 @@ def greedy(engine, prompt, max_tokens: int, alpha: float = 0.0) -> list[int]:
 
 
 def random_router(adapter, layers: set[int], seed: int = 0):
-    """A `manager.substitute` hook that replaces the routing of `layers` by k distinct random experts per token
-    (combine weights from the gate's scores of those experts, as the architecture weighs them)."""
+    """A routing hook that replaces the routing of `layers` by k distinct random experts per token (combine
+    weights from the gate's scores of those experts, as the architecture weighs them)."""
     gen = torch.Generator().manual_seed(seed)
 
-    def hook(manager, layer: int, block, routing: Routing, alpha) -> Routing:
+    def hook(ctx, layer: int, block, routing: Routing, alpha) -> Routing:
         if layer not in layers:
             return routing
         n, e = routing.probs.shape  # [N, E]
@@ -66,37 +69,35 @@ def random_router(adapter, layers: set[int], seed: int = 0):
 
 
 class routing_override:
-    """Context manager: install a substitution hook on the engine for prefill and decode (restored on exit);
-    generate with substitution_alpha > 0 (e.g. `ON`) so the hook runs."""
+    """Context manager: `hook` routes prefill and decode of the calls inside (the engine's own hook again on
+    exit, exceptions included); generate with substitution_alpha > 0 (e.g. `ON`) so the hook runs."""
 
     ON = 0.5
 
     def __init__(self, engine, hook):
         self.engine, self.hook = engine, hook
+        self._call = None
 
     def __enter__(self):
-        m = self.engine.manager
-        self.saved = (m.substitute, m.substitute_in_prefill)
-        m.substitute, m.substitute_in_prefill = self.hook, True
+        self._call = self.engine.request(hook=self.hook, in_prefill=True)
+        self._call.__enter__()
         return self
 
     def __exit__(self, *exc):
-        m = self.engine.manager
-        m.substitute, m.substitute_in_prefill = self.saved
+        call, self._call = self._call, None
+        return call.__exit__(*exc)
 
 
-def reroute_to_resident(manager, layer: int, block, routing: Routing, alpha) -> Routing:
-    """eMoE's lossy miss handling as a `manager.substitute` hook: every token's top-k is re-chosen among the
+def reroute_to_resident(ctx, layer: int, block, routing: Routing, alpha) -> Routing:
+    """eMoE's lossy miss handling as a routing hook: every token's top-k is re-chosen among the
     experts of `layer` now resident, by the architecture's own ranking (`routing.choice`), i.e. a non-resident
     selection is replaced by the next-ranked resident expert. With fewer than k residents the routing is kept
     (exact path). `alpha` is ignored (the hook runs while alpha > 0). Replaced selections are marked in
     `Routing.substituted`, so the expert manager counts them as substitutions, not as exact hits."""
-    from moelite.core.substitution import _adapter_of, resident_mask
-
     probs, choice, idx = routing.probs, routing.choice, routing.idx  # [N, E], [N, E], [N, k]
     n, e = probs.shape
     k = idx.shape[1]
-    res = resident_mask(manager, layer, e, probs.device)  # [E]
+    res = resident_mask(ctx, layer, e, probs.device)  # [E]
     if bool(res.all()) or int(res.sum()) < k:
         return routing
     ranked = torch.where(res[None, :] & torch.isfinite(choice), choice.float(), float("-inf"))  # [N, E]
@@ -104,7 +105,7 @@ def reroute_to_resident(manager, layer: int, block, routing: Routing, alpha) -> 
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, idx, True).gather(1, new_idx)  # [N, k]
     if bool(kept.all()):
         return routing
-    weights = _adapter_of(manager, block).weigh(block, probs, new_idx)  # [N, k] by their own gate scores
+    weights = ctx.adapter.weigh(block, probs, new_idx)  # [N, k] by their own gate scores
     return Routing(probs, choice, new_idx, weights.to(routing.weights.dtype), ~kept)
 
 

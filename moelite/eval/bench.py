@@ -1,11 +1,18 @@
 """`moelite bench`: decode speed and hit rate over budgets x cache policies, with baselines, in one run.
 
-Contract: every configuration runs in a fresh worker process (`python -m moelite.eval.bench --worker SPEC`) after the
-checkpoint's pages are dropped from the OS page cache, optionally inside a memory cgroup of a given size (Linux
-cgroup v1 or v2, as root; the output says whether the cap was applied). Baselines: all experts resident (100%
-budget, warm) and on-demand with no cache (every needed expert read from disk each time). Belady's optimal hit
-rate is simulated on the routing trace recorded by the LRU run of each budget. Prints a table, writes
-hit_rate.png / decode.png / results.json to --out, and ends with one JSON line.
+Contract:
+  - `run_bench(plan, progress=False, echo=True)`: every configuration of a `BenchPlan` runs in a fresh worker process
+    (`python -m moelite.eval.bench --worker SPEC`) after the checkpoint's pages are dropped from the OS page cache,
+    optionally inside a memory cgroup of a given size (Linux cgroup v1 or v2, as root; the output says whether the
+    cap was applied). Every configuration starts from the plan's engine fields (the command's engine flags) with its
+    own budget, cache policy and, per row, prefetch / miss policy / warm start. Baselines: all experts resident
+    (100% budget, warm) and on-demand with no cache (every needed expert read from disk each time). Belady's optimal
+    hit rate is simulated on the routing trace recorded by the LRU run of each budget. Prints a table row per
+    configuration (unless `echo` is off; `progress`: a bar on stderr), writes hit_rate.png / decode.png /
+    results.json to the plan's `out` and returns the result (its "summary" per budget).
+  - `summarize(results_json, echo=True)`: the table, plots and summary of an earlier run again, without running.
+  - `worker(spec)`: one configuration in this process (the worker entry point); returns its measurements.
+The command line is moelite/cli/bench.py.
 """
 
 from __future__ import annotations
@@ -17,11 +24,17 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-BASE_FIELDS = ("decode_tok_s", "ttft_s", "expert_hit_rate", "expert_bytes_read", "io_seconds", "stall_seconds",
-               "prefetch_precision", "prefetch_recall", "peak_rss_bytes", "resident_expert_bytes_peak",
-               "expert_budget_bytes", "survived")
+import torch
+from tqdm.auto import tqdm
+
+from moelite.config import EngineConfig, parse_budget
+from moelite.core.traces import Trace, TraceRecorder, TraceReplay
+from moelite.engine import Engine
+from moelite.eval.prompts import load_prompts
+from moelite.eval.simulate import simulate
 
 
 def hardware(device: str = "cpu") -> str:
@@ -36,8 +49,6 @@ def hardware(device: str = "cpu") -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = "no GPU used"
     if str(device).startswith("cuda"):
-        import torch
-
         props = torch.cuda.get_device_properties(torch.device(device))
         gpu = f"GPU {props.name} ({props.total_memory / 2**30:.0f} GiB)"
     return f"{os.cpu_count()}-core {cpu}, {mem:.0f} GiB RAM, {gpu}"
@@ -56,21 +67,15 @@ def drop_file_cache(folder: Path) -> None:
 
 # ---- worker ------------------------------------------------------------------------------------------------------
 def worker(spec: dict) -> dict:
-    import torch
-
-    from moelite.engine import Engine
-    from moelite.config import EngineConfig
-    from moelite.eval.prompts import load_prompts
-    from moelite.core.traces import Trace, TraceRecorder, TraceReplay
-
-    torch.set_num_threads(spec.get("threads") or os.cpu_count() or 1)
+    if spec["engine"].get("num_threads") is None:  # every core unless the engine picks (1 for small models)
+        torch.set_num_threads(os.cpu_count() or 1)
     drop_file_cache(Path(spec["model"]) if spec["model"] else Path("."))
     cfg = EngineConfig(**spec["engine"]).validate()
     t0 = time.perf_counter()
     engine = Engine(spec["model"], cfg, progress=False)
     load_s = time.perf_counter() - t0
     if spec.get("replay"):
-        engine.manager.replay = TraceReplay(Trace.load(spec["replay"]), engine.layout.layers, decode_only=True)
+        engine.manager.set_replay(TraceReplay(Trace.load(spec["replay"]), engine.layout.layers, decode_only=True))
     rec = TraceRecorder(engine, include_prefill=True) if spec.get("record") else None
     prompts = load_prompts(spec.get("prompts"))[: spec.get("n_prompts") or None]
     dec_tokens = dec_s = ttft = 0.0
@@ -93,7 +98,9 @@ def worker(spec: dict) -> dict:
     s = engine.stats()
     return {
         "decode_tok_s": dec_tokens / dec_s if dec_s else 0.0, "ttft_s": ttft / len(prompts), "load_s": load_s,
-        "expert_hit_rate": s["decode_hit_rate"], "overall_hit_rate": s["expert_hit_rate"], "expert_hits": s["expert_hits"], "expert_misses": s["expert_misses"],
+        # the counters' own names (moelite.core.counters): decode exact hits over decode evaluations, etc.
+        **{k: s[k] for k in ("decode_exact_hit_rate", "decode_read_wait_rate", "exact_hit_rate", "expert_hits",
+                             "expert_misses", "expert_reads_in_flight")},
         "expert_bytes_read": s["expert_bytes_read"], "io_seconds": s["io_seconds"],
         "stall_seconds": s["stall_seconds"], "prefetch_precision": s["prefetch_precision"],
         "prefetch_recall": s["prefetch_recall"], "expert_substitutions": s["expert_substitutions"],
@@ -157,25 +164,69 @@ def run_worker(spec: dict, cap: MemoryCap | None, timeout: float) -> dict:
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
-def run_bench(args) -> dict:
-    from moelite.config import parse_budget
-    from moelite.eval.simulate import simulate
-    from moelite.core.traces import Trace
+@dataclass
+class BenchPlan:
+    """What `run_bench` measures: budgets x cache policies (plus baselines) of one model, each configuration from
+    the `engine` fields (EngineConfig keyword arguments, JSON-able) with its own budget and policy."""
 
-    out = Path(args.out)
+    model: str | None
+    out: str | Path
+    budgets: list[str]
+    policies: list[str]
+    engine: dict = field(default_factory=dict)
+    prompts: str | None = None
+    n_prompts: int = 6
+    max_tokens: int = 32
+    prompt_tokens: int | None = None
+    replay: str | None = None
+    prefetch_row: bool = True
+    upper_bound: bool = True
+    cgroup_mem: str | None = None
+    timeout: float = 1800.0
+    command: str = "moelite bench"
+
+    def validate(self) -> "BenchPlan":
+        """ValueError naming the field before any worker starts: every configuration must be a valid EngineConfig."""
+        if not self.budgets or not self.policies:
+            raise ValueError("budgets/policies: give at least one of each")
+        for b in self.budgets:
+            for p in self.policies:
+                EngineConfig(**dict(self.engine, expert_budget=b, cache_policy=p)).validate()
+        if self.cgroup_mem is not None:
+            parse_budget(self.cgroup_mem)
+        for name in ("n_prompts", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)!r} must be an int >= 1")
+        if self.replay is not None and not Path(self.replay).is_file():
+            raise ValueError(f"replay: {self.replay} does not exist")
+        return self
+
+    @property
+    def runs(self) -> int:
+        """Worker processes the plan starts."""
+        per_budget = len(self.policies) + (1 if self.prefetch_row else 0)
+        return len(self.budgets) * per_budget + 1 + (1 if self.upper_bound else 0)
+
+
+def run_bench(plan: BenchPlan, progress: bool = False, echo: bool = True) -> dict:
+    plan.validate()
+    out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = str(Path(args.model).resolve()) if args.model else None
-    budgets = [b.strip() for b in args.budgets.split(",") if b.strip()]
-    for b in budgets:
-        parse_budget(b)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    base_engine = {"device": "cpu", "expert_dtype": args.expert_dtype, "io_threads": args.io_threads,
-                   "cache_policy": "lru"}
-    common = {"model": model, "prompts": args.prompts, "n_prompts": args.n_prompts, "max_tokens": args.max_tokens,
-              "prompt_tokens": args.prompt_tokens,
-              "replay": str(Path(args.replay).resolve()) if args.replay else None, "threads": args.threads}
-    cap = MemoryCap(int(parse_budget(args.cgroup_mem)[1]) if args.cgroup_mem else None)
-    print(f"# {cap.note}", flush=True)
+    model = str(Path(plan.model).resolve()) if plan.model else None
+    budgets, policies = plan.budgets, plan.policies
+    base_engine = dict(plan.engine, cache_policy="lru")
+    common = {"model": model, "prompts": plan.prompts, "n_prompts": plan.n_prompts, "max_tokens": plan.max_tokens,
+              "prompt_tokens": plan.prompt_tokens,
+              "replay": str(Path(plan.replay).resolve()) if plan.replay else None}
+    cap = MemoryCap(int(parse_budget(plan.cgroup_mem)[1]) if plan.cgroup_mem else None)
+    bar = tqdm(total=plan.runs, desc="bench", unit="config", disable=not progress)
+
+    def say(line: str) -> None:
+        if echo:
+            (bar.write if progress else print)(line)
+            sys.stdout.flush()
+
+    say(f"# {cap.note}")
     rows = []
 
     def go(label, policy, budget, uncapped=False, **engine):
@@ -183,24 +234,45 @@ def run_bench(args) -> dict:
         if label == "policy" and policy == "lru" and not engine.get("prefetch"):
             spec["record"] = str(out / f"trace_{budget.replace('%', 'pct')}.npz")
         t0 = time.perf_counter()
-        res = run_worker(spec, None if uncapped else cap, args.timeout)
-        res.update(kind=label, policy=policy, budget=budget, prefetch=bool(engine.get("prefetch")),
-                   miss_policy=engine.get("miss_policy", "load"), wall_s=time.perf_counter() - t0,
+        res = run_worker(spec, None if uncapped else cap, plan.timeout)
+        res.update(kind=label, policy=policy, budget=budget, prefetch=bool(spec["engine"].get("prefetch")),
+                   miss_policy=spec["engine"].get("miss_policy", "load"), wall_s=time.perf_counter() - t0,
                    capped=cap.path is not None and not uncapped)
         rows.append(res)
-        print(_row(res), flush=True)
+        bar.update(1)
+        say(_row(res))
         return res
 
-    print(_header(), flush=True)
-    if args.upper_bound:  # holds every expert, so it runs without the cap (it would not fit under it)
-        go("all-resident", "lru", "100%", uncapped=True, warm_start=True)
-    go("on-demand", "lru", budgets[0], miss_policy="direct")
-    for b in budgets:
-        for p in policies:
-            go("policy", p, b)
-        if args.prefetch:
-            go("policy+prefetch", policies[-1] if "score" not in policies else "score", b, prefetch=True)
-    # Belady (and the simulator's LRU, as a check) on each budget's recorded trace
+    say(_header())
+    try:
+        if plan.upper_bound:  # holds every expert, so it runs without the cap (it would not fit under it)
+            go("all-resident", "lru", "100%", uncapped=True, warm_start=True)
+        go("on-demand", "lru", budgets[0], miss_policy="direct")
+        for b in budgets:
+            for p in policies:
+                go("policy", p, b)
+            if plan.prefetch_row:
+                go("policy+prefetch", policies[-1] if "score" not in policies else "score", b, prefetch=True)
+    finally:
+        bar.close()
+        cap.close()
+    rows += _belady_rows(rows, budgets, out)
+    for r in rows:
+        if r.get("simulated"):
+            say(_row(r))
+    result = {"hardware": hardware(plan.engine.get("device", "cpu")), "date": time.strftime("%Y-%m-%d"),
+              "model": Path(model).name if model else "demo", "replay": Path(plan.replay).name if plan.replay else None,
+              "cap": cap.note, "command": plan.command, "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    _plots(rows, budgets, out)
+    result["summary"] = _summary(rows, budgets)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _belady_rows(rows: list[dict], budgets: list[str], out: Path) -> list[dict]:
+    """Belady (and the simulator's LRU, as a check) on each budget's trace recorded by its LRU run."""
+    extra = []
     for b in budgets:
         tpath = out / f"trace_{b.replace('%', 'pct')}.npz"
         lru_row = next((r for r in rows if r["kind"] == "policy" and r["budget"] == b and r["policy"] == "lru"), None)
@@ -209,18 +281,23 @@ def run_bench(args) -> dict:
         tr = Trace.load(tpath)
         slots = lru_row["expert_slots"]
         sim = {p: simulate(tr, slots, p)["hit_rate"] for p in ("belady", "lru")}
-        rows.append({"kind": "belady (offline)", "policy": "belady", "budget": b, "expert_hit_rate": sim["belady"],
-                     "sim_lru_hit_rate": sim["lru"], "survived": True, "simulated": True})
-        print(_row(rows[-1]), flush=True)
-    cap.close()
-    result = {"hardware": hardware(), "date": time.strftime("%Y-%m-%d"), "model": Path(model).name if model else "demo",
-              "replay": Path(args.replay).name if args.replay else None, "cap": cap.note,
-              "command": "moelite bench " + " ".join(sys.argv[2:]), "rows": rows}
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    _plots(rows, budgets, out)
-    best = _summary(rows, budgets)
-    result["summary"] = best
-    (out / "results.json").write_text(json.dumps(result, indent=1))
+        extra.append({"kind": "belady (offline)", "policy": "belady", "budget": b, "decode_exact_hit_rate": sim["belady"],
+                      "sim_lru_hit_rate": sim["lru"], "survived": True, "simulated": True})
+    return extra
+
+
+def summarize(results_json: str | Path, echo: bool = True) -> dict:
+    """Re-read an earlier run's results.json: print its table, redraw its plots, recompute and store its summary."""
+    path = Path(results_json)
+    if not path.is_file():
+        raise ValueError(f"summarize: {path} does not exist")
+    result = json.loads(path.read_text())
+    budgets = sorted({r["budget"] for r in result["rows"] if r["kind"] != "all-resident"}, key=str)
+    for r in result["rows"] if echo else ():
+        print(_row(r))
+    _plots(result["rows"], budgets, path.parent)
+    result["summary"] = _summary(result["rows"], budgets)
+    path.write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -235,8 +312,8 @@ def _row(r: dict) -> str:
     if not r.get("survived"):
         return f"{name:<22}{r['budget']:>8}  FAILED: {r.get('error', '')}"
     if r.get("simulated"):
-        return f"{name:<22}{r['budget']:>8}{'-':>14}{r['expert_hit_rate']:>10.1%}   (simulated; simulator LRU {r['sim_lru_hit_rate']:.1%})"
-    return (f"{name:<22}{r['budget']:>8}{r['decode_tok_s']:>14.2f}{r['expert_hit_rate']:>10.1%}"
+        return f"{name:<22}{r['budget']:>8}{'-':>14}{r['decode_exact_hit_rate']:>10.1%}   (simulated; simulator LRU {r['sim_lru_hit_rate']:.1%})"
+    return (f"{name:<22}{r['budget']:>8}{r['decode_tok_s']:>14.2f}{r['decode_exact_hit_rate']:>10.1%}"
             f"{r['expert_bytes_read'] / 2**30:>10.2f}{r['stall_seconds']:>9.1f}{r['prefetch_precision']:>9.2f}"
             f"{r['peak_rss_bytes'] / 2**30:>14.2f}{'yes':>4}")
 
@@ -254,21 +331,21 @@ def _summary(rows, budgets) -> dict:
         best = max(online, key=lambda r: r["decode_tok_s"])
         plain = [r for r in online if not r["prefetch"]]
         bel = next((r for r in rows if r["kind"].startswith("belady") and r["budget"] == b), None)
-        hit = {r["policy"]: r["expert_hit_rate"] for r in plain}
+        hit = {r["policy"]: r["decode_exact_hit_rate"] for r in plain}
         entry = {"best": f"{best['policy']}{'+prefetch' if best['prefetch'] else ''}",
                  "best_decode_tok_s": best["decode_tok_s"],
                  "speedup_vs_on_demand": best["decode_tok_s"] / demand["decode_tok_s"]
                  if demand and demand["decode_tok_s"] else None,
                  "hit_rate_by_policy": hit,
                  "best_online_hit_rate": max(hit.values()) if hit else None,
-                 "belady_hit_rate": bel["expert_hit_rate"] if bel else None}
+                 "belady_hit_rate": bel["decode_exact_hit_rate"] if bel else None}
         for r in online:
             if r["prefetch"]:
                 base = next((q for q in plain if q["policy"] == r["policy"]), None)
                 entry["prefetch"] = {"policy": r["policy"], "stall_s": r["stall_seconds"],
                                      "stall_s_without": base["stall_seconds"] if base else None,
                                      "precision": r["prefetch_precision"], "recall": r["prefetch_recall"],
-                                     "hit_rate_incl_prefetched": r["expert_hit_rate"],
+                                     "decode_exact_hit_rate": r["decode_exact_hit_rate"],
                                      "decode_tok_s": r["decode_tok_s"]}
         out[b] = entry
     return out
@@ -279,7 +356,6 @@ def _plots(rows, budgets, out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from moelite.config import parse_budget
 
     def x_of(b):
         kind, v = parse_budget(b)
@@ -291,7 +367,7 @@ def _plots(rows, budgets, out: Path) -> None:
         if r["kind"] in ("policy", "policy+prefetch", "belady (offline)") and r.get("survived"):
             name = "belady (offline)" if r["kind"].startswith("belady") else r["policy"] + ("+prefetch" if r.get("prefetch") else "")
             series.setdefault(name, []).append(r)
-    for metric, fname, label in (("expert_hit_rate", "hit_rate.png", "expert hit rate"),
+    for metric, fname, label in (("decode_exact_hit_rate", "hit_rate.png", "decode exact hit rate"),
                                  ("decode_tok_s", "decode.png", "decode tokens/s")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rs in series.items():
@@ -311,52 +387,6 @@ def _plots(rows, budgets, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / fname, dpi=120)
         plt.close(fig)
-
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark budgets x cache policies (and baselines) in one run")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    p.add_argument("--budgets", default="10%,25%,50%")
-    p.add_argument("--policies", default="lru,lfu,score")
-    p.add_argument("--prefetch", action=argparse_bool(), default=True, help="also run the best policy with prefetch")
-    p.add_argument("--prompts", default=None, help="prompt file (default: built-in three-domain prompts)")
-    p.add_argument("--n-prompts", type=int, default=6)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--prompt-tokens", type=int, default=None, help="truncate prompts to this many tokens")
-    p.add_argument("--upper-bound", action=argparse_bool(), default=True,
-                   help="also run all experts resident (uncapped, warm) as the upper bound")
-    p.add_argument("--replay", default=None, help="routing trace (.npz) to replay (real-shape checkpoints)")
-    p.add_argument("--expert-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--io-threads", type=int, default=2)
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    p.add_argument("--cgroup-mem", default=None, help="run every configuration inside a memory cgroup of this size")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
-    p.add_argument("--out", default="bench-out")
-    p.add_argument("--summarize", default=None, metavar="RESULTS_JSON",
-                   help="only re-summarise an earlier run's results.json (no configurations are run)")
-
-    def run(args) -> int:
-        if args.summarize:  # re-read a results.json: table, plots and summary line without re-running
-            result = json.loads(Path(args.summarize).read_text())
-            budgets = sorted({r["budget"] for r in result["rows"] if r["kind"] != "all-resident"}, key=str)
-            for r in result["rows"]:
-                print(_row(r))
-            _plots(result["rows"], budgets, Path(args.summarize).parent)
-            result["summary"] = _summary(result["rows"], budgets)
-            Path(args.summarize).write_text(json.dumps(result, indent=1))
-        else:
-            result = run_bench(args)
-        print(json.dumps({"summary": result["summary"], "hardware": result["hardware"], "cap": result["cap"],
-                          "out": str(Path(args.summarize) if args.summarize else Path(args.out) / "results.json")}))
-        return 0
-
-    p.set_defaults(func=run)
-
-
-def argparse_bool():
-    import argparse
-
-    return argparse.BooleanOptionalAction
 
 
 if __name__ == "__main__":

@@ -13,20 +13,19 @@ Contract:
     costs, the ratio g / c_L clipped to [1/8, 8], then scaled so that the mean multiplier is 1 (a given alpha keeps
     roughly its average window). A layer where nothing could be substituted keeps m = 1.
   - Returns a dict whose "profile" list (one multiplier per MoE layer, in layer order) is what
-    `EngineConfig.substitution_profile` takes; `moelite calibrate --out FILE` writes it as JSON and prints a table
-    and one JSON line. Cost: (number of MoE layers + 1) teacher-forced passes over `max_tokens` tokens.
-  - The engine's own profile and alpha are restored afterwards; outputs at alpha 0 are never affected.
+    `EngineConfig.substitution_profile` takes; `moelite calibrate --out FILE` (moelite/cli/calibrate.py) writes it
+    as JSON and prints `table(result)` and one JSON line. Cost: (number of MoE layers + 1) teacher-forced passes
+    over `max_tokens` scored tokens (the CLI's --score-tokens).
+  - Each pass sets its profile for its own calls only (`engine.request(alpha_scale=...)`): the engine's own profile
+    and alpha hold again after each, exceptions included; outputs at alpha 0 are never affected.
 Calibrate on text that is not used to report quality (the default is WikiText-2 *valid*; quality is reported on test).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
-from pathlib import Path
 
-from moelite.eval.evaluate import Reference, compare_text, default_data_dir
+from moelite.eval.evaluate import Reference, compare_text
 
 MAX_RATIO = 8.0
 
@@ -60,26 +59,23 @@ def calibrate(engine, ids: list[int], probe_alpha: float = 0.25, gamma: float = 
         raise ValueError("calibration text: fewer than 2 tokens")
     m = engine.manager
     layers = list(engine.layout.layers)
-    saved = dict(m.alpha_scale)
     ref = Reference(engine)
     rows = []
-    try:
-        m.alpha_scale = {}
+    with engine.request(alpha_scale={}):  # the reference pass: the same alpha (0) in every layer
         compare_text(engine, ids, 0.0, ref, window, stride, max_tokens)  # fills the reference (one exact pass)
-        for layer in layers:
-            m.alpha_scale = {x: (1.0 if x == layer else 0.0) for x in layers}
-            before = m.layer_stats[layer].substitutions if layer in m.layer_stats else 0
+    for layer in layers:
+        stats = m.counters.layer(layer)
+        before = stats.substitutions
+        with engine.request(alpha_scale={x: (1.0 if x == layer else 0.0) for x in layers}):  # layer L alone
             r = compare_text(engine, ids, probe_alpha, ref, window, stride, max_tokens)
-            subs = (m.layer_stats[layer].substitutions if layer in m.layer_stats else 0) - before
-            per_tok = subs / max(r["tokens"], 1)
-            cost = r["mean_kl"] / per_tok if subs else None
-            rows.append({"layer": layer, "substitutions_per_token": round(per_tok, 4), "mean_kl": r["mean_kl"],
-                         "top1_agreement": r["top1_agreement"], "perplexity_ratio": r["perplexity_ratio"],
-                         "kl_per_substitution": cost})
-            if progress:
-                progress(rows[-1])
-    finally:
-        m.alpha_scale = saved
+        subs = stats.substitutions - before
+        per_tok = subs / max(r["tokens"], 1)
+        cost = r["mean_kl"] / per_tok if subs else None
+        rows.append({"layer": layer, "substitutions_per_token": round(per_tok, 4), "mean_kl": r["mean_kl"],
+                     "top1_agreement": r["top1_agreement"], "perplexity_ratio": r["perplexity_ratio"],
+                     "kl_per_substitution": cost})
+        if progress:
+            progress(rows[-1])
     if all(row["kl_per_substitution"] is None for row in rows):
         raise ValueError(f"calibration: no layer substituted anything at probe_alpha {probe_alpha:g} with expert "
                          f"budget {engine.config.expert_budget!r} (every needed expert was resident, or no candidate "
@@ -100,49 +96,3 @@ def table(result: dict) -> str:
                      f"{'-' if c is None else f'{c:.5f}'} | {row['top1_agreement']:.1%} | {mult:.3f} |")
     return "\n".join(lines)
 
-
-def cmd_calibrate(args) -> int:
-    from moelite.eval.evaluate import _load, _read_ids
-
-    if args.text:
-        path = Path(args.text)
-    else:
-        data = Path(args.data_dir) if args.data_dir else default_data_dir()
-        path = data / "wikitext-2" / "valid.txt" if data else None
-        if path is None or not path.is_file():
-            raise ValueError("text: give --text FILE (no --data-dir with wikitext-2/valid.txt was found)")
-    engine = _load(args, substitution_profile=None)
-    try:
-        ids = _read_ids(engine, path, args.max_tokens, args.window)
-        res = calibrate(engine, ids, args.probe_alpha, args.gamma, args.max_tokens, args.window, args.stride,
-                        progress=lambda row: print(f"layer {row['layer']}: {row['substitutions_per_token']:.3f} "
-                                                   f"substitutions/token, KL {row['mean_kl']:.5f}",
-                                                   file=sys.stderr))
-    finally:
-        engine.close()
-    res["model"] = Path(args.model).name if args.model else "demo_model"
-    res["text"] = path.name if path.parent.name in ("", ".") else f"{path.parent.name}/{path.name}"
-    print(table(res))
-    if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.out}: use it with --substitution-profile {args.out}", file=sys.stderr)
-    print(json.dumps(res))
-    return 0
-
-
-def register_cli(sub) -> None:
-    from moelite.cli import add_engine_flags
-
-    p = sub.add_parser("calibrate", help="measure each MoE layer's accuracy cost of substitution and write a "
-                                         "per-layer alpha profile (--substitution-profile)")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    p.add_argument("--text", default=None, help="calibration text (default: DATA_DIR/wikitext-2/valid.txt)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--probe-alpha", type=float, default=0.25, help="alpha each layer is probed at alone")
-    p.add_argument("--gamma", type=float, default=2.0, help="how strongly multipliers follow the cost ratios")
-    p.add_argument("--max-tokens", type=int, default=512, help="scored tokens per pass")
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--stride", type=int, default=128)
-    p.add_argument("--out", default=None, help="write the profile JSON here")
-    add_engine_flags(p)
-    p.set_defaults(func=cmd_calibrate)

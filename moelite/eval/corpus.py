@@ -1,8 +1,10 @@
 """Text of the three demo domains for prompts and held-out scoring.
 
 Contract:
-  - `data_dir(path=None)`: the data folder: `path` if given, else $MOELITE_DATA, else ../shared/data beside the
-    checkout; a folder that does not exist is an error naming the flag and the variable.
+  - `data_dir(path=None, required=True)`: THE data folder of every data-reading command and helper: `path` (the
+    `--data-dir` flag) if given, else $MOELITE_DATA_DIR, else ../shared/data beside the checkout. A folder named
+    by the flag or the variable that does not exist is always an error naming both; the default missing is an
+    error only when `required` (else None).
   - `corpus_prompts(task, n, split, seed)` / `corpus_text(task, chars)`: prompts and text of the three domains
     (Tiny Shakespeare, WikiText-2 test, the interpreter's standard library); split "train" takes the first 70% of
     each source, "test" the rest, so predictors and classifiers are scored on unseen prompts.
@@ -20,11 +22,26 @@ from pathlib import Path
 
 from moelite.emoe.classifier import TASKS
 
-def data_dir(path: str | Path | None = None) -> Path:
-    p = Path(path or os.environ.get("MOELITE_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
-    if not p.is_dir():
-        raise ValueError(f"data_dir: {p} does not exist (needs tinyshakespeare/ and wikitext-2/ from ../shared/data)")
-    return p
+#: the environment variable that names the data folder (the `--data-dir` flag wins over it)
+DATA_ENV = "MOELITE_DATA_DIR"
+#: the data folder when neither the flag nor the variable names one: ../shared/data beside the checkout
+BESIDE_CHECKOUT = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def data_dir(path: str | Path | None = None, required: bool = True) -> Path | None:
+    """The data folder (see the module contract)."""
+    named = path or os.environ.get(DATA_ENV) or None
+    p = Path(named) if named else BESIDE_CHECKOUT
+    if p.is_dir():
+        return p
+    if named is None and not required:
+        return None
+    if path:
+        how = "--data-dir"
+    else:
+        how = f"${DATA_ENV}" if named else f"the default ../shared/data (no --data-dir, no ${DATA_ENV})"
+    raise ValueError(f"data_dir: {p} does not exist (from {how}); give the folder that holds tinyshakespeare/ and "
+                     f"wikitext-2/ with --data-dir or ${DATA_ENV}")
 
 
 def _source(task: str, root: Path) -> list[str]:

@@ -2,9 +2,10 @@
 
 Contract:
   - `decode_logprobs(engine, ids, start, alpha)` -> float32 log-probabilities [len(ids) - start, V] of ids[start:],
-    teacher-forced through the decode path (`engine.model` with a DynamicCache, one token per step, as generation
-    does), so substitution applies exactly as in `generate`: ids[:start-1] are prefilled (exact unless
-    `substitute_in_prefill`), then ids[start-1:-1] are fed one at a time.
+    teacher-forced through the decode path (`Engine.teacher_force`: a forced sequence through the batcher's step,
+    the loop generation uses, one token per step with a DynamicCache), so substitution applies exactly as in
+    `generate`: ids[:start-1] are prefilled (exact unless `substitute_in_prefill`), then ids[start-1:-1] are fed
+    one at a time; `alpha` holds for this call only.
   - `compare_text(engine, ids, alpha, reference=...)` -> perplexity over sliding windows (`window` tokens, advancing
     by `stride`, each token scored once with up to window - stride tokens of context), and, against a `Reference` (an
     exact engine: 100% budget, alpha 0, the same decode path), top-1 agreement and mean KL(exact || engine) per
@@ -15,79 +16,32 @@ Contract:
     rates of greedy generation of `max_tokens` tokens per prompt (eos ignored; the first prompt warms the cache).
   - `measure_interleaved({label: (engine, alpha)}, prompts, ...)`: the same, for engines alive together and run
     prompt by prompt in turn, so that on a shared machine every configuration sees the same background load.
-  - `moelite eval`: a JSON line last; `--alpha-sweep 0,0.1,...` measures the speed of all alphas interleaved, then
-    quality alpha by alpha, and writes a markdown table, a JSON file and a PNG (decode tok/s, hit rates and
-    perplexity vs alpha at the given budget) under `--out`.
-Data: `--data-dir` defaults to ../shared/data next to the repository when it exists; nothing is copied.
+  - `read_text_ids(engine, path, max_tokens, window)`: token ids of the start of a text file (as much as can be
+    scored); `sweep_table(rows)` / `sweep_plot(rows, path, title)`: the markdown table and PNG of an alpha sweep.
+  - `compare_text`, `hellaswag` and `measure_interleaved` take an optional `progress` callable, called with the
+    units just done (scored tokens, items, rounds), for a progress bar.
+The command line (`moelite eval`, moelite/cli/eval.py) drives these functions.
 """
 
 from __future__ import annotations
 
 import bz2
-import gc
-import json
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from moelite.config import alpha_positive
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def default_data_dir() -> Path | None:
-    for p in (REPO.parent / "shared" / "data",):
-        if p.is_dir():
-            return p
-    return None
-
-
-def parse_alphas(text: str) -> list[float]:
-    from moelite.config import check_alpha
-
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"alpha_sweep: {text!r} is not a comma-separated list of numbers such as 0,0.1,0.25") from None
-    if not vals:
-        raise ValueError("alpha_sweep: empty list")
-    for v in vals:
-        try:
-            check_alpha(v)
-        except ValueError as exc:
-            raise ValueError(f"alpha_sweep: {exc}") from None
-    return vals
+from moelite.core.counters import PhaseTotals, Snapshot
 
 
 # ---- the decode path, teacher-forced ---------------------------------------------------------------------------
-@torch.inference_mode()
 def decode_logprobs(engine, ids: list[int], start: int, alpha=0.0) -> torch.Tensor:
     """log p(ids[t] | ids[:t]) rows for t in [start, len(ids)) -> [len(ids)-start, V] float32 (see the contract)."""
-    if not 1 <= start < len(ids):
-        raise ValueError(f"start: {start} must be in [1, {len(ids)})")
-    m = engine.manager
-    old = m.alpha
-    m.alpha = alpha
-    try:
-        cache = DynamicCache(config=engine.hf_config)
-        dev = engine.device
-        if start > 1:
-            with m.prefilling():
-                engine.model(input_ids=torch.tensor([ids[: start - 1]], device=dev), past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-        rows = []
-        for t in range(start - 1, len(ids) - 1):
-            out = engine.model(input_ids=torch.tensor([[ids[t]]], device=dev), past_key_values=cache, use_cache=True)
-            rows.append(out.logits[0, -1].float().cpu())
-    finally:
-        m.alpha = old
-    return torch.log_softmax(torch.stack(rows), dim=-1)  # [T, V]
+    return torch.log_softmax(engine.teacher_force(ids, start, substitution_alpha=alpha), dim=-1)  # [T, V]
 
 
 def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -105,22 +59,18 @@ def windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
     return out
 
 
-def _counters(engine) -> tuple[int, ...]:
-    c, m = engine.manager.cache, engine.manager
-    return c.hits, c.misses, m.substitutions, getattr(m, "decode_hits", 0), getattr(m, "decode_misses", 0)
+def accounting(spent: Snapshot) -> dict:
+    """The expert accounting of some passes (`spent` = engine.counters() after - before): exact hits, misses, reads
+    in flight and substitutions apart, over all passes and per phase, with their rates as moelite.core.counters
+    defines them (of the expert evaluations the exact model asked for, at batch 1)."""
+    return {k: v for k, v in spent.report().items() if "expert_" in k or k.endswith("_rate")}
 
 
-def accounting(before, after) -> dict:
-    """Exact hits and substitutions reported apart, over all passes and over decode steps only (substitution runs in
-    decode unless substitute_in_prefill); rates are of the expert evaluations the exact model asked for (batch 1)."""
-    hits, misses, subs, d_hits, d_misses = (a - b for a, b in zip(after, before))
-    n, d = hits + misses + subs, d_hits + d_misses + subs
-    return {"expert_hits": hits, "expert_misses": misses, "expert_substitutions": subs,
-            "decode_expert_hits": d_hits, "decode_expert_misses": d_misses,
-            "exact_hit_rate": hits / n if n else 0.0, "substituted_rate": subs / n if n else 0.0,
-            "hit_or_substituted_rate": (hits + subs) / n if n else 0.0,
-            "decode_exact_hit_rate": d_hits / d if d else 0.0, "decode_substituted_rate": subs / d if d else 0.0,
-            "decode_hit_or_substituted_rate": (d_hits + subs) / d if d else 0.0}
+def pooled_decode_rates(results: list[dict]) -> dict:
+    """Decode rates over several `accounting` results pooled (their decode counts summed, then one division)."""
+    total = sum((PhaseTotals(r["decode_expert_hits"], r["decode_expert_misses"], r["decode_expert_reads_in_flight"],
+                             r["decode_expert_substitutions"]) for r in results), PhaseTotals())
+    return total.rates("decode_")
 
 
 class Reference:
@@ -172,10 +122,10 @@ class TextResult:
 
 
 def compare_text(engine, ids: list[int], alpha=0.0, reference: Reference | None = None, window: int = 256,
-                 stride: int = 128, max_tokens: int | None = None) -> dict:
+                 stride: int = 128, max_tokens: int | None = None, progress=None) -> dict:
     """Perplexity of `engine` at `alpha` on `ids` and, with a reference, agreement/KL vs the exact model."""
     res = TextResult()
-    before = _counters(engine)
+    before = engine.counters()
     for begin, end, first in windows(len(ids), window, stride):
         if max_tokens is not None and res.tokens >= max_tokens:
             break
@@ -196,7 +146,9 @@ def compare_text(engine, ids: list[int], alpha=0.0, reference: Reference | None 
             res.agree += int((ref.argmax(-1) == lp.argmax(-1)).sum())
             # KL(exact || engine), summed over scored tokens; exactly 0 when the two paths agree bit for bit
             res.kl += float((ref.exp() * (ref - lp)).sum(-1).clamp_min(0).sum())
-    res.counts = accounting(before, _counters(engine))
+        if progress is not None:
+            progress(len(target))
+    res.counts = accounting(engine.counters() - before)
     return res.summary()
 
 
@@ -216,13 +168,13 @@ def read_hellaswag(path: str | Path, limit: int | None = None) -> list[tuple[str
     return items
 
 
-def hellaswag(engine, path, limit: int | None = 200, alpha=0.0, reference=None) -> dict:
+def hellaswag(engine, path, limit: int | None = 200, alpha=0.0, reference=None, progress=None) -> dict:
     """Accuracy by summed log-likelihood of each ending given the context (and per-character normalised)."""
     tok = engine.tokenizer
     if tok is None:
         raise ValueError("hellaswag: the model has no tokenizer")
     items = read_hellaswag(path, limit)
-    before = _counters(engine)
+    before = engine.counters()
     correct = correct_norm = agree = 0
     for ctx, gold, endings in items:
         ctx_ids = engine.encode(ctx)
@@ -242,11 +194,13 @@ def hellaswag(engine, path, limit: int | None = 200, alpha=0.0, reference=None) 
         correct_norm += max(range(4), key=norm.__getitem__) == gold
         if ref_scores:
             agree += pick == max(range(4), key=ref_scores.__getitem__)
+        if progress is not None:
+            progress(1)
     n = len(items)
     out = {"items": n, "accuracy": correct / n if n else 0.0, "accuracy_norm": correct_norm / n if n else 0.0}
     if reference is not None:
         out["choice_agreement_with_exact"] = agree / n if n else 0.0
-    out.update(accounting(before, _counters(engine)))
+    out.update(accounting(engine.counters() - before))
     return out
 
 
@@ -266,7 +220,7 @@ def measure_decode(engine, prompts: list[list[int]], max_tokens: int = 32, alpha
         if warmup and len(prompts) > 1:
             engine.generate(prompts[0], max_tokens=max_tokens, temperature=0, substitution_alpha=alpha)
             prompts = prompts[1:]
-        before = _counters(engine)
+        before = engine.counters()
         toks, secs, per, gen_toks = 0, 0.0, [], 0
         cpu0 = time.process_time()
         for p in prompts:
@@ -284,12 +238,12 @@ def measure_decode(engine, prompts: list[list[int]], max_tokens: int = 32, alpha
            "tpot_ms": 1000 * secs / toks if toks else 0.0,
            "decode_tok_s": toks / secs if secs else 0.0, "cpu_ms_per_token": 1000 * cpu / gen_toks if gen_toks else 0.0,
            "cpu_seconds": cpu, "generated_tokens": gen_toks, "substitutions_per_request": per}
-    out.update(accounting(before, _counters(engine)))
+    out.update(accounting(engine.counters() - before))
     return out
 
 
 def measure_interleaved(engines: dict, prompts: list[list[int]], max_tokens: int = 32, rounds: int = 12,
-                        log=None) -> dict[str, dict]:
+                        log=None, progress=None) -> dict[str, dict]:
     """Fair speed comparison on a busy machine. `engines` maps label -> (engine, alpha), all alive. Each engine is
     warmed with prompts[0]; then each round runs one prompt (rotating over prompts[1:]) on every engine, in an order
     rotated per round, so all see the same background load. Per label: median per-prompt TPOT, pooled CPU ms per
@@ -307,48 +261,31 @@ def measure_interleaved(engines: dict, prompts: list[list[int]], max_tokens: int
             per[label].append(measure_decode(eng, [rest[rnd % len(rest)]], max_tokens, a, warmup=False))
         if log and (rnd + 1) % max(1, rounds // 4) == 0:
             log(f"round {rnd + 1}/{rounds}")
+        if progress is not None:
+            progress(1)
     out = {}
     for label, rs in per.items():
-        tot = {k: sum(r[k] for r in rs) for k in ("decode_expert_hits", "decode_expert_misses", "expert_substitutions",
-                                                  "decode_tokens", "decode_seconds", "cpu_seconds", "generated_tokens")}
-        d = tot["decode_expert_hits"] + tot["decode_expert_misses"] + tot["expert_substitutions"]
+        tot = {k: sum(r[k] for r in rs) for k in ("decode_tokens", "decode_seconds", "cpu_seconds", "generated_tokens")}
+        rates = pooled_decode_rates(rs)
         tp = statistics.median(r["tpot_ms"] for r in rs)
         out[label] = {"alpha": engines[label][1], "tpot_ms": tp, "decode_tok_s": 1000 / tp if tp else 0.0,
                       "tpot_ms_pooled": 1000 * tot["decode_seconds"] / max(1, tot["decode_tokens"]),
                       "cpu_ms_per_token": 1000 * tot["cpu_seconds"] / max(1, tot["generated_tokens"]),
-                      "decode_exact_hit_rate": tot["decode_expert_hits"] / d if d else 0.0,
-                      "decode_substituted_rate": tot["expert_substitutions"] / d if d else 0.0,
-                      "decode_hit_or_substituted_rate": (tot["decode_expert_hits"] + tot["expert_substitutions"]) / d
-                      if d else 0.0, "substitutions_per_request": [r["expert_substitutions"] for r in rs],
+                      **{k: rates[k] for k in ("decode_exact_hit_rate", "decode_substituted_rate",
+                                               "decode_hit_or_substituted_rate", "decode_read_wait_rate")},
+                      "substitutions_per_request": [r["expert_substitutions"] for r in rs],
                       "prompts_measured": len(rs)}
     return out
 
 
-# ---- CLI -------------------------------------------------------------------------------------------------------
-def _load(args, **overrides):
-    from moelite.cli import engine_config
-    from moelite.engine import Engine
-
-    return Engine(args.model, engine_config(args).replace(**overrides), progress=False)
-
-
-def _texts(args) -> list[Path]:
-    if args.text:
-        return [Path(t) for t in args.text]
-    data = Path(args.data_dir) if args.data_dir else None
-    if args.hellaswag:
-        return []
-    if data is None or not (data / "wikitext-2" / "test.txt").is_file():
-        raise ValueError("text: give --text FILE (no --data-dir with wikitext-2/test.txt was found)")
-    return [data / "wikitext-2" / "test.txt"]
-
-
+# ---- texts and reports ---------------------------------------------------------------------------------------
 def text_name(path: Path) -> str:
     """A short label: the folder for generic file names (wikitext-2/test.txt -> wikitext-2), else the stem."""
     return path.parent.name if path.stem in ("test", "valid", "input", "train") and path.parent.name else path.stem
 
 
-def _read_ids(engine, path: Path, max_tokens: int, window: int) -> list[int]:
+def read_text_ids(engine, path: Path, max_tokens: int, window: int) -> list[int]:
+    """Token ids of the start of a text file: enough characters for `max_tokens` scored tokens in `window`s."""
     if not path.is_file():
         raise ValueError(f"text: {path} does not exist")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -357,22 +294,6 @@ def _read_ids(engine, path: Path, max_tokens: int, window: int) -> list[int]:
         raise ValueError("text: the model has no tokenizer")
     # one long sequence on purpose (scored in windows): silence the longer-than-the-context warning
     return engine.tokenizer.encode(text[:budget_chars], add_special_tokens=False, verbose=False)
-
-
-def evaluate_at(args, alpha: float, reference: Reference | None, ids_by_file: dict, engine=None,
-                speed: dict | None = None) -> dict:
-    engine = engine or _load(args, substitution_alpha=alpha)
-    row: dict = {"alpha": alpha, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy}
-    if speed is not None:
-        row["speed"] = speed
-    elif args.speed_prompts > 0 and ids_by_file:
-        prompts = prompts_from_ids(next(iter(ids_by_file.values())), args.speed_prompts + 1)  # +1: warm-up
-        row["speed"] = measure_decode(engine, prompts, args.speed_tokens, alpha)
-    row["texts"] = {name: compare_text(engine, ids, alpha, reference, args.window, args.stride, args.max_tokens)
-                    for name, ids in ids_by_file.items()}
-    if args.hellaswag:
-        row["hellaswag"] = hellaswag(engine, args.hellaswag_path, args.limit, alpha, reference)
-    return row
 
 
 def sweep_table(rows: list[dict]) -> str:
@@ -450,85 +371,3 @@ def sweep_plot(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cmd_eval(args) -> int:
-    if args.data_dir and not Path(args.data_dir).is_dir():
-        raise ValueError(f"data_dir: {args.data_dir} does not exist")
-    alphas = parse_alphas(args.alpha_sweep) if args.alpha_sweep else [args.substitution_alpha]
-    if args.hellaswag:
-        args.hellaswag_path = Path(args.hellaswag) if args.hellaswag != "auto" else (
-            Path(args.data_dir or "") / "hellaswag" / "hellaswag_val_full.txt.bz2")
-        if not args.hellaswag_path.is_file():
-            raise ValueError(f"hellaswag: {args.hellaswag_path} does not exist (give --hellaswag FILE or --data-dir)")
-    first = _load(args, substitution_alpha=alphas[0])
-    ids_by_file = {text_name(p): _read_ids(first, p, args.max_tokens, args.window) for p in _texts(args)}
-    reference = None if args.no_reference else Reference(_load(args, expert_budget="100%", substitution_alpha=0.0))
-    speeds: dict = {}
-    if len(alphas) > 1 and args.speed_prompts > 0 and ids_by_file:
-        # speed of all alphas measured interleaved (fresh engines alive together), before any quality pass
-        engines = {a: (_load(args, substitution_alpha=a), a) for a in alphas}
-        prompts = prompts_from_ids(next(iter(ids_by_file.values())), args.speed_prompts + 1)
-        speeds = measure_interleaved(engines, prompts, args.speed_tokens, args.speed_rounds,
-                                     None if args.json else (lambda m: print(f"speed: {m}", file=sys.stderr)))
-        del engines
-        gc.collect()
-    name, rows = first.path.name, []
-    for a in alphas:
-        row = evaluate_at(args, a, reference, ids_by_file, engine=first, speed=speeds.get(a))
-        first = None
-        rows.append(row)
-        gc.collect()  # free this alpha's engine (a web of cycles) before loading the next
-        if not args.json:
-            print(json.dumps(row), file=sys.stderr)
-    from moelite.cli import engine_config
-
-    profile = engine_config(args).substitution_profile
-    result = {"model": name, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy,
-              "substitution_mode": args.substitution_mode, "substitution_profile": profile and list(profile),
-              "window": args.window, "stride": args.stride, "rows": rows}
-    if args.alpha_sweep:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tag = f"alpha_sweep_{str(args.expert_budget).replace('%', 'pct')}_{args.cache_policy}"
-        if args.substitution_mode != "always":
-            tag += f"_{args.substitution_mode}"
-        if profile:
-            tag += "_profile"
-        (out / f"{tag}.md").write_text(f"`moelite eval` on {name}, budget {args.expert_budget}, policy "
-                                       f"{args.cache_policy}, substitution mode {args.substitution_mode}, per-layer "
-                                       f"alpha multipliers {list(profile) if profile else 'none (one alpha)'}\n\n"
-                                       + sweep_table(rows))
-        (out / f"{tag}.json").write_text(json.dumps(result, indent=1))
-        sweep_plot(rows, out / f"{tag}.png", f"{name}: budget {args.expert_budget}, {args.cache_policy}")
-        result["files"] = [str(out / f"{tag}.{x}") for x in ("md", "json", "png")]
-        if not args.json:
-            print(sweep_table(rows))
-    print(json.dumps(result))
-    return 0
-
-
-def register_cli(sub) -> None:
-    from moelite.cli import add_engine_flags
-
-    data = default_data_dir()
-    p = sub.add_parser("eval", help="perplexity, agreement with the exact model, HellaSwag, alpha sweep")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--text", action="append", help="text file to score (repeatable; default: WikiText-2 test)")
-    p.add_argument("--data-dir", default=str(data) if data else None, help="shared data folder (default: %(default)s)")
-    p.add_argument("--window", type=int, default=256, help="tokens per sliding window")
-    p.add_argument("--stride", type=int, default=128, help="tokens the window advances (= scored per window)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="scored tokens per text file")
-    p.add_argument("--hellaswag", nargs="?", const="auto", default=None,
-                   help="also score HellaSwag (default file: DATA_DIR/hellaswag/hellaswag_val_full.txt.bz2)")
-    p.add_argument("--limit", type=int, default=200, help="HellaSwag items")
-    p.add_argument("--alpha-sweep", default=None, help="comma-separated alphas, e.g. 0,0.1,0.25,0.4")
-    p.add_argument("--speed-prompts", type=int, default=3, help="prompts for the decode-speed measurement (0: skip)")
-    p.add_argument("--speed-tokens", type=int, default=32, help="tokens generated per speed prompt")
-    p.add_argument("--speed-rounds", type=int, default=12,
-                   help="with --alpha-sweep: prompts per alpha in the interleaved speed measurement")
-    p.add_argument("--no-reference", action="store_true", help="skip the exact-model comparison")
-    p.add_argument("--out", default="benchmarks/results/smoe", help="folder for the sweep table, JSON and PNG")
-    p.add_argument("--json", action="store_true", help="print only the final JSON line")
-    add_engine_flags(p)
-    p.set_defaults(func=cmd_eval)

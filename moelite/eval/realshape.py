@@ -6,7 +6,8 @@ of a real model (e.g. Qwen3-30B-A3B's hidden 2048 / expert intermediate 768) but
 Random routing is meaningless, so benchmarks run these with `TraceReplay` (routing of the trained demo model).
 Weights are slices of one random pool (content does not matter for I/O; values stay finite and small).
 
-CLI: moelite realshape OUT [--preset qwen3-30b-a3b-64e] [--layers 8] [--tokenizer-from DIR]
+CLI: moelite realshape OUT [--preset qwen3-30b-a3b-64e] [--layers 8] [--tokenizer-from DIR] [--force]
+(moelite/cli/realshape.py; it refuses a non-empty OUT unless --force).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
 PRESETS = {
     # Qwen3-30B-A3B expert shapes with the demo model's 64 experts / top-8 / one shared expert
@@ -34,9 +37,6 @@ SHARD_BYTES = 1 << 30
 def make_realshape(out: str | Path, preset: str = "qwen3-30b-a3b-64e", layers: int = 8, vocab_size: int = 4096,
                    dtype: torch.dtype = torch.bfloat16, tokenizer_from: str | Path | None = None, seed: int = 0,
                    progress: bool = True, **overrides) -> Path:
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
-
     if preset not in PRESETS:
         raise ValueError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
     if layers < 1:
@@ -107,13 +107,3 @@ def make_realshape(out: str | Path, preset: str = "qwen3-30b-a3b-64e", layers: i
                 shutil.copy(f, out / f.name)
     return out
 
-
-def register_cli(sub) -> None:
-    p = sub.add_parser("realshape", help="write a real-shape random checkpoint for I/O benchmarks")
-    p.add_argument("out")
-    p.add_argument("--preset", default="qwen3-30b-a3b-64e", choices=sorted(PRESETS))
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--tokenizer-from", default=None, help="copy tokenizer files (and vocab size) from this model")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.set_defaults(func=lambda a: (print(make_realshape(a.out, a.preset, a.layers, dtype=getattr(torch, a.dtype),
-                                                        tokenizer_from=a.tokenizer_from)), 0)[1])

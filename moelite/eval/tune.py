@@ -10,26 +10,24 @@ Contract:
     budget, alpha 0) on a quality text through the decode path: top-1 agreement, mean KL(exact || tuned), perplexity
     ratio. Returns a dict; `met` is False when no alpha in the grid reaches the target (the fastest measured alpha
     is then reported as `alpha`).
-  - `moelite tune` prints a table of the measurements and ends with that dict as one JSON line; exit status 1 when
-    the target is not met, 2 on bad input.
+  - `moelite tune` (moelite/cli/tune.py) prints a table of the measurements and ends with that dict as one JSON
+    line; exit status 1 when the target is not met, 2 on bad input. `progress` (optional) is called with 1 after
+    each measured round (interleaved) or run (one alpha).
 Targets are given either as time per output token (`--target-tpot-ms`) or as decode speed (`--target-tok-s`).
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from moelite.eval.evaluate import (Reference, compare_text, default_data_dir, measure_decode, measure_interleaved,
-                       parse_alphas)
-
-DEFAULT_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5"
+from moelite.config import DEFAULT_ALPHAS, parse_alphas
+from moelite.engine import Engine
+from moelite.eval.evaluate import Reference, compare_text, measure_decode, measure_interleaved
+from moelite.eval.prompts import load_prompts
 
 
 def _target_ms(target_tpot_ms: float | None, target_tok_s: float | None) -> float:
@@ -70,8 +68,6 @@ def fit_and_pick(alphas: list[float], tpot_ms: list[float], target_ms: float, de
 
 def calibration_prompts(engine, prompts_path: str | None = None, n: int = 6) -> list[list[int]]:
     """Token ids of `n` calibration prompts (the built-in three-domain set, or a prompts file), domains interleaved."""
-    from moelite.eval.prompts import load_prompts
-
     items = load_prompts(prompts_path)
     by_domain: dict[str, list[str]] = {}
     for domain, text in items:
@@ -84,9 +80,7 @@ def calibration_prompts(engine, prompts_path: str | None = None, n: int = 6) -> 
 def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float | None = None,
          alphas: list[float] | None = None, prompts_path: str | None = None, n_prompts: int = 6,
          max_tokens: int = 32, repeats: int = 1, degree: int = 1, quality_text: str | Path | None = None,
-         quality_tokens: int = 384, log=None, interleave: bool = True) -> dict:
-    from moelite.engine import Engine
-
+         quality_tokens: int = 384, log=None, interleave: bool = True, progress=None) -> dict:
     target = _target_ms(target_tpot_ms, target_tok_s)
     alphas = alphas or parse_alphas(DEFAULT_ALPHAS)
     if repeats < 1 or n_prompts < 2 or max_tokens < 2:
@@ -96,7 +90,7 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
     if interleave:  # all grid engines alive, alternated prompt by prompt: the same background load for every alpha
         engines = {a: (Engine(path, config.replace(substitution_alpha=a), progress=False), a) for a in alphas}
         prompts = calibration_prompts(next(iter(engines.values()))[0], prompts_path, n_prompts + 1)
-        res = measure_interleaved(engines, prompts, max_tokens, n_prompts * repeats)
+        res = measure_interleaved(engines, prompts, max_tokens, n_prompts * repeats, progress=progress)
         for a in alphas:
             points.append({k: res[a][k] for k in keys})
             engines[a][0].close()
@@ -108,6 +102,8 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
             eng = Engine(path, config.replace(substitution_alpha=a), progress=False)
             prompts = calibration_prompts(eng, prompts_path, n_prompts + 1)  # +1: the warm-up prompt
             runs.append(measure_decode(eng, prompts, max_tokens, a))
+            if progress is not None:
+                progress(1)
             eng.close()
             del eng
             gc.collect()  # free the slot pool before the next engine (an engine is a web of cycles)
@@ -135,58 +131,3 @@ def tune(path, config, target_tpot_ms: float | None = None, target_tok_s: float 
             "decode_exact_hit_rate", "decode_substituted_rate")}}
     return result
 
-
-def cmd_tune(args) -> int:
-    from moelite.cli import engine_config
-
-    cfg = engine_config(args)
-    quality = args.quality_text
-    if quality is None and args.data_dir and (Path(args.data_dir) / "wikitext-2" / "valid.txt").is_file():
-        quality = Path(args.data_dir) / "wikitext-2" / "valid.txt"
-    if quality is not None and not Path(quality).is_file():
-        raise ValueError(f"quality_text: {quality} does not exist")
-    log = None if args.json else (lambda p: print(f"alpha {p['alpha']:<6g} TPOT {p['tpot_ms']:8.2f} ms  "
-                                                  f"{p['decode_tok_s']:7.2f} tok/s  exact hit "
-                                                  f"{p['decode_exact_hit_rate']:.1%}  substituted "
-                                                  f"{p['decode_substituted_rate']:.1%}", file=sys.stderr))
-    res = tune(args.model, cfg, args.target_tpot_ms, args.target_tok_s, parse_alphas(args.alphas), args.prompts,
-               args.calibration_prompts, args.tokens, args.repeats, args.degree, quality, args.quality_tokens, log,
-               args.interleave)
-    if not args.json:
-        verdict = "meets" if res["met"] else "cannot meet (fastest measured shown)"
-        line = f"alpha = {res['alpha']:g} {verdict} the target {res['target_tpot_ms']:.2f} ms/token " \
-               f"(fit: {res['predicted_tpot_ms']:.2f} ms, R^2 {res['fit_r2']:.2f})"
-        if "quality" in res:
-            q = res["quality"]
-            line += f"; quality vs exact: top-1 {q['top1_agreement']:.2%}, KL {q['mean_kl']:.4f}, " \
-                    f"perplexity x{q['perplexity_ratio']:.4f}"
-        print(line, file=sys.stderr)
-    print(json.dumps(res))
-    return 0 if res["met"] else 1
-
-
-def register_cli(sub) -> None:
-    from moelite.cli import add_engine_flags
-
-    data = default_data_dir()
-    p = sub.add_parser("tune", help="pick the smallest substitution alpha that meets a decode-latency target")
-    p.add_argument("--model", default=None, help="checkpoint folder (default: the embedded demo model)")
-    t = p.add_mutually_exclusive_group(required=True)
-    t.add_argument("--target-tpot-ms", type=float, default=None, help="time per output token to meet (ms)")
-    t.add_argument("--target-tok-s", type=float, default=None, help="decode speed to meet (tokens/s)")
-    p.add_argument("--alphas", default=DEFAULT_ALPHAS, help="grid of alphas to measure (default: %(default)s)")
-    p.add_argument("--prompts", default=None, help="calibration prompts file (default: the built-in set)")
-    p.add_argument("--calibration-prompts", type=int, default=6, help="prompts measured per alpha")
-    p.add_argument("--tokens", type=int, default=32, help="tokens generated per prompt")
-    p.add_argument("--repeats", type=int, default=1, help="passes over the calibration prompts per alpha")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=True,
-                   help="keep one engine per grid alpha alive and alternate them prompt by prompt (fair on a busy "
-                        "machine); off: a fresh engine per alpha and repeat, median (for slot pools too big to "
-                        "hold several)")
-    p.add_argument("--degree", type=int, default=1, help="degree of the T(alpha) polynomial fit")
-    p.add_argument("--quality-text", default=None, help="text for the quality cost (default: WikiText-2 valid tail)")
-    p.add_argument("--quality-tokens", type=int, default=384, help="scored tokens for the quality cost")
-    p.add_argument("--data-dir", default=str(data) if data else None, help="shared data folder (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print only the JSON line")
-    add_engine_flags(p)
-    p.set_defaults(func=cmd_tune)

@@ -27,6 +27,8 @@ Contract:
     admitted now and would miss its target by the time the first running request frees a slot, is refused early
     (429 + Retry-After), or under on_miss="degrade" is served best-effort with substitution alpha raised to
     `degrade_alpha` (fewer expert loads when the engine has a substitution hook).
+  - `profile_engine(batcher)`: before serving, runs short random prompts through the batcher (batch 1, then up to
+    4) so that the CostProfile starts from this machine's prefill and step costs; returns the fitted profile.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import torch
+
+from moelite.core.sampling import SamplingParams
+from moelite.serve.sequence import Sequence
 
 MODES = ("slo", "fcfs")
 ON_MISS = ("refuse", "degrade")
@@ -274,12 +281,7 @@ class Scheduler:
 
 
 def profile_engine(batcher, prompt_tokens: int = 32, steps: int = 6) -> dict:
-    """Measure prefill and decode-step costs (batch 1 and max_batch) before serving; feeds the CostProfile."""
-    import torch
-
-    from moelite.serve.batching import Sequence
-    from moelite.core.sampling import SamplingParams
-
+    """Measure prefill and decode-step costs (batch 1 and up to 4) before serving; feeds the CostProfile."""
     eng = batcher.engine
     n = max(1, min(prompt_tokens, eng.max_context - steps - 1))
     vocab = eng.hf_config.vocab_size
@@ -292,7 +294,7 @@ def profile_engine(batcher, prompt_tokens: int = 32, steps: int = 6) -> dict:
             seq.ttft_slo = seq.tpot_slo = 1e9
             seqs.append(batcher.submit(seq))
         for _ in range(4 * steps):  # bounded: a failed sequence never finishes
-            if all(s.finish is not None or s.cache is None and s.t_admit for s in seqs):
+            if all(s.finish is not None or s.error is not None for s in seqs):
                 break
             batcher.step()
     sched = batcher.scheduler

@@ -20,6 +20,9 @@ Contract:
   - SIGTERM / SIGINT: stop admitting (new requests get 503), finish in-flight requests (up to --drain-timeout),
     then exit 0. Binds 127.0.0.1 unless --host says otherwise (warning for a non-loopback address); CORS is off
     unless --cors-origin is given.
+  - `create_app(engine, settings)` -> the FastAPI app; `serve(engine, settings, log_level)` runs it under uvicorn
+    until SIGTERM / SIGINT. The command line (`moelite serve`: flags, the port check, the engine) is
+    moelite/cli/serve.py.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import os
 import sys
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -43,7 +47,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moelite.serve.schemas import ALLOWED, ApiError, ChatRequest, CompletionRequest, error_response, parse
-from moelite.serve.batching import Batcher, Rejected, Sequence
+from moelite.serve.batching import Batcher, Rejected
+from moelite.serve.sequence import Sequence
 from moelite.core.sampling import SamplingParams
 from moelite.serve.scheduler import Scheduler, SchedulerConfig, profile_engine
 
@@ -91,23 +96,29 @@ class _Collector:
     def collect(self):
         st = self.s
         b, eng = st.batcher, st.engine
-        c, m = eng.manager.cache, eng.manager
-        # expert_hits counts exact hits only; a substituted lookup is counted in substitutions (see substitution.py)
-        subs = m.substitutions  # == engine.stats()["expert_substitutions"]
-        n = c.hits + c.misses + subs
+        c = eng.manager.cache
+        r = eng.counters().report()  # every rate as moelite.core.counters defines it, the same as engine.stats()
         rows = [  # (name, help, value, counter?)
             ("queue_depth", "requests waiting for admission", b.queue_depth(), False),
             ("running_requests", "sequences in the decode batch", len(b.running), False),
             ("tokens_per_second", "generated tokens per second over the last 10 s", st.tok_rate(), False),
             ("generated_tokens", "generated tokens", b.tokens_generated, True),
             ("decode_steps", "batched decode steps", b.steps, True),
-            ("expert_hit_rate", "expert lookups served from the cache (exact or substituted)",
-             (c.hits + subs) / n if n else 0.0, False),
-            ("expert_exact_hit_rate", "lookups of the router's own choice served from the cache",
-             c.hits / n if n else 0.0, False),
-            ("expert_substituted_rate", "lookups replaced by a resident expert (SMoE substitution)",
-             subs / n if n else 0.0, False),
-            ("expert_bytes_read", "routed-expert bytes read from disk", eng.reader.bytes_read, True),
+            ("expert_exact_hit_rate", "expert evaluations whose expert was resident (exact hits / evaluations)",
+             r["exact_hit_rate"], False),
+            ("expert_substituted_rate", "expert evaluations replaced by a resident expert (SMoE substitution)",
+             r["substituted_rate"], False),
+            ("expert_hit_or_substituted_rate", "expert evaluations served from memory without a wait",
+             r["hit_or_substituted_rate"], False),
+            ("expert_read_wait_rate", "expert evaluations that waited for a read (misses and reads in flight)",
+             r["read_wait_rate"], False),
+            ("decode_expert_exact_hit_rate", "exact hit rate of decode steps", r["decode_exact_hit_rate"], False),
+            ("expert_hits", "expert evaluations served from a resident expert", r["expert_hits"], True),
+            ("expert_misses", "expert reads started by the layer that needed them", r["expert_misses"], True),
+            ("expert_reads_in_flight", "expert evaluations that waited on an earlier read (prefetch, preload)",
+             r["expert_reads_in_flight"], True),
+            ("expert_substitutions", "expert evaluations substituted", r["expert_substitutions"], True),
+            ("expert_bytes_read", "routed-expert bytes read from disk", r["expert_bytes_read"], True),
             ("resident_expert_bytes", "bytes of routed experts resident now", c.resident_bytes, False),
             ("expert_budget_bytes", "routed-expert memory budget", eng.budget_bytes, False),
             ("process_rss_bytes", "resident set size of the server process", _rss_bytes(), False),
@@ -248,8 +259,6 @@ class _Guard:
 # ---- the app ------------------------------------------------------------------------------------------------------
 def create_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app; starting it (lifespan) profiles the engine and starts the batcher thread."""
-    from contextlib import asynccontextmanager
-
     settings = settings or ServerSettings()
     st = _State(engine, settings)
 
@@ -634,66 +643,3 @@ def serve(engine, settings: ServerSettings, log_level: str = "info") -> None:
                     "" if settings.api_key else " and has no API key (set --api-key or MOELITE_API_KEY)")
     _uvicorn_server(create_app(engine, settings), settings, log_level).run()
 
-
-def register_cli(subparsers) -> None:
-    from moelite.cli import add_engine_flags
-
-    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    p.add_argument("--model", default=None, help="Hugging Face checkpoint folder (default: the embedded demo model)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $MOELITE_API_KEY)")
-    p.add_argument("--model-name", default=None, help="model id reported by /v1/models (default: folder name)")
-    p.add_argument("--scheduler", choices=("slo", "fcfs"), default="slo", help="admission policy")
-    p.add_argument("--on-miss", choices=("refuse", "degrade"), default="refuse",
-                   help="a request that cannot meet its SLO: 429 early, or serve it with --degrade-alpha")
-    p.add_argument("--degrade-alpha", type=float, default=0.3)
-    p.add_argument("--slo-config", default=None, help="JSON with per-task ttft_s, tpot_s, expected_tokens")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--token-budget", type=int, default=None, help="T_max: sum of prompt+max_tokens admitted")
-    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
-    p.add_argument("--cors-origin", action="append", default=[], help="allow this origin (repeatable; default none)")
-    p.add_argument("--drain-timeout", type=float, default=60.0, help="seconds to finish in-flight work on SIGTERM")
-    p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a connection has to send a request's headers, after it opens or after a response")
-    p.add_argument("--keep-alive", type=float, default=5.0, help="idle seconds between requests on one connection")
-    p.add_argument("--max-connections", type=int, default=1024,
-                   help="open connections at once; more get 503 (keep it under the open-file limit)")
-    p.add_argument("--no-profile", action="store_true", help="skip the start-up cost profile")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    add_engine_flags(p)
-    p.set_defaults(func=cmd_serve)
-
-
-def cmd_serve(args) -> int:
-    from moelite.cli import engine_config
-    from moelite.engine import Engine
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    for name, v, lo in (("--port", args.port, 0), ("--max-queue", args.max_queue, 1),
-                        ("--max-body-bytes", args.max_body_bytes, 256)):
-        if v < lo or (name == "--port" and v > 65535):
-            raise ValueError(f"{name}: {v} is out of range")
-    if not (0 < args.request_timeout <= 86400) or not (0 <= args.drain_timeout <= 3600):
-        raise ValueError("--request-timeout must be in (0, 86400] and --drain-timeout in [0, 3600] seconds")
-    if not (0 < args.header_timeout <= 3600) or not (0 < args.keep_alive <= 3600) or args.max_connections < 1:
-        raise ValueError("--header-timeout and --keep-alive must be in (0, 3600] seconds and --max-connections >= 1")
-    kw = dict(mode=args.scheduler, on_miss=args.on_miss, degrade_alpha=args.degrade_alpha, max_batch=args.max_batch,
-              token_budget=args.token_budget)
-    sched = SchedulerConfig.load(args.slo_config, **kw) if args.slo_config else SchedulerConfig(**kw).validate()
-    settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get("MOELITE_API_KEY")
-                              or None, model_name=args.model_name, max_queue=args.max_queue,
-                              request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                              cors_origins=args.cors_origin, drain_timeout_s=args.drain_timeout,
-                              header_timeout_s=args.header_timeout, keep_alive_s=args.keep_alive,
-                              max_connections=args.max_connections, profile=not args.no_profile, scheduler=sched)
-    engine = Engine(args.model, engine_config(args), progress=False)
-    if sched.on_miss == "degrade" and engine.manager.substitute is None:
-        log.warning("--on-miss degrade: this engine has no substitution hook; degraded requests run exact")
-    print(f"moelite: serving {settings.model_name or engine.path.name} on http://{settings.host}:{settings.port} "
-          f"(scheduler {sched.mode}, max batch {sched.max_batch}, key {'on' if settings.api_key else 'off'})",
-          file=sys.stderr, flush=True)
-    serve(engine, settings, args.log_level)
-    return 0

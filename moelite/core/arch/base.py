@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROJ = ("gate", "up", "down")
-
 
 @dataclass
 class Routing:

@@ -1,0 +1,80 @@
+"""`moelite info [DIR]`: a checkpoint's architecture and sizes, and which expert budgets fit this machine.
+
+Contract: `add_arguments(p)` declares the flags; `run(args) -> int` opens the checkpoint (no weights are read into
+memory), prints a summary (--json: one JSON object) and returns 0. A budget that would hold every routed expert is
+reported as "all experts resident".
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moelite.cli.flags import add_json_flag
+from moelite.config import format_bytes
+
+NAME = "info"
+HELP = "describe a checkpoint and which budgets fit this machine"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default=None, metavar="DIR",
+                   help="Hugging Face checkpoint folder (default: the embedded demo model)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .bin/.pt pickle weights (can run code: only for trusted files)")
+    add_json_flag(p)
+
+
+def run(args) -> int:
+    import torch
+    from transformers import AutoConfig
+
+    from moelite.core.arch import adapter_for
+    from moelite.core.checkpoint import Checkpoint
+    from moelite.core.expert_store import ExpertLayout
+    from moelite.core.memory import auto_budget
+    from moelite.demo import demo_model_path
+
+    path = Path(args.model) if args.model else demo_model_path()
+    ckpt = Checkpoint.open(path, allow_pickle=args.allow_pickle)
+    adapter = adapter_for(ckpt.model_type)
+    cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    n_exp, top_k = adapter.num_experts(cfg), adapter.top_k(cfg)
+    layout = ExpertLayout.build(ckpt, adapter, n_exp)
+    names = layout.expert_tensor_names()
+    dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
+    expert_bytes = layout.total_disk_bytes
+    fp32_scale = 4 / layout.disk_dtype.itemsize
+    per_expert32 = layout.disk_bytes * fp32_scale
+    auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert32 * len(layout.experts)))
+    info = {
+        "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
+        "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
+        "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
+        "dense_bytes": dense, "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
+        "min_budget_bytes_fp32": int(top_k * per_expert32), "available_ram_bytes": auto.available,
+        "available_ram_source": auto.source, "max_budget_fitting_ram_fp32": auto.bytes,
+        "all_experts_resident_cpu": auto.all_resident, "auto_budget_note_cpu": auto.note,
+    }
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = auto_budget("cuda", dense, cfg, layout.disk_dtype, expert_bytes)
+        info.update(auto_budget_bytes_cuda=gpu.bytes, all_experts_resident_cuda=gpu.all_resident,
+                    auto_budget_note_cuda=gpu.note)
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"{info['model']}: {ckpt.model_type}, {info['layers']} layers ({info['moe_layers']} MoE), "
+          f"{n_exp} routed experts/layer, top-{top_k}, hidden {layout.hidden}, expert intermediate {layout.intermediate}")
+    print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk)")
+    print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
+    print(f"  minimum budget     {format_bytes(info['min_budget_bytes_fp32'])} (top-{top_k} experts as float32 on CPU)")
+    print(f"  this machine (CPU) {auto.note}" + _share(auto, per_expert32 * len(layout.experts), " as float32"))
+    if gpu is not None:
+        print(f"  this machine (GPU) {gpu.note}" + _share(gpu, expert_bytes, ""))
+    return 0
+
+
+def _share(auto, all_bytes: float, how: str) -> str:
+    """The share of the experts the auto budget holds, or nothing when the note already says all are resident."""
+    return "" if auto.all_resident else f" ({auto.bytes / all_bytes:.0%} of the experts{how})"

@@ -1,0 +1,32 @@
+"""Torch devices and dtypes resolved from an `EngineConfig` (which itself stays free of torch).
+
+Contract:
+  - `parse_device(device)` -> torch.device for 'cpu', 'cuda' or 'cuda:N'; ValueError naming `device` when the
+    spelling is wrong, when no CUDA GPU is available, or when the index is beyond the devices present.
+  - `slot_dtype(config, device, checkpoint_dtype)` -> the dtype of expert slots: `config.expert_dtype`, or for
+    "auto" float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512) and the checkpoint's dtype on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moelite.config import EngineConfig, check_device
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(check_device(device))
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} asked for, but no CUDA GPU is available here; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+    return dev
+
+
+def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if config.expert_dtype != "auto":
+        return getattr(torch, config.expert_dtype)
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype
