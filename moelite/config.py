@@ -22,7 +22,7 @@ CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
 MISS_POLICIES = ("load", "direct", "hybrid")
 SUBSTITUTION_MODES = ("always", "stall")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXPERT_KERNELS = ("auto", "triton", "torch")
+EXPERT_KERNELS = ("auto", "triton", "torch", "compiled", "eager")  # triton/torch: CUDA; compiled/eager: CPU
 CACHE_SCOPES = ("global", "layer")
 #: the fixed set of values of each EngineConfig field that has one (the CLI's `choices=`)
 CHOICES = {"cache_policy": CACHE_POLICIES, "miss_policy": MISS_POLICIES, "substitution_mode": SUBSTITUTION_MODES,
@@ -89,7 +89,8 @@ class EngineConfig:
     # available RAM; free VRAM on CUDA) minus dense weights, KV cache and headroom (moelite.core.memory)
     expert_budget: str | int | float = "25%"
     cache_policy: str = "lru"
-    # dtype of expert slots; "auto" = float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512), checkpoint dtype on CUDA
+    # dtype of expert slots; "auto" = the checkpoint's (bf16/fp16 stay 16-bit: twice the experts per budget, misses
+    # read straight into the slot; CPU kernels compute in float32 from them)
     expert_dtype: str = "auto"
     # one pool shared by all layers ("global") or an equal share per MoE layer ("layer")
     cache_scope: str = "global"
@@ -130,7 +131,9 @@ class EngineConfig:
     host_budget: str | int | float = "auto"
     # CUDA (with a host tier): decode steps run as captured CUDA graphs, misses read zero-copy from pinned RAM
     cuda_graphs: bool = True
-    # CUDA: the fused expert computation, "triton" kernels or the "torch" gather + batched matmul
+    # the fused expert computation: on CUDA "triton" kernels or the "torch" gather + batched matmul; on the CPU
+    # "compiled" (torch.compile gather + upcast + reduction, one call per layer at decode) or "eager" (F.linear per
+    # expert); "auto" = the fastest that works on this machine
     expert_kernel: str = "auto"
     # CUDA graphs: compile the decode step's decoder layers and MoE glue with torch.compile before capture
     # (fewer, fused kernels; the first generation per batch size pays the compile, ~15-20 s)

@@ -504,6 +504,8 @@ class Engine:
             "routed_expert_bytes": self.pool.slot_bytes * len(self.layout.experts),
             "resident_expert_bytes": c.resident_bytes,
             "resident_expert_bytes_peak": c.resident_peak,
+            "expert_slot_dtype": str(self.pool.dtype).removeprefix("torch."),
+            "expert_kernel": self.manager.kernel.kind if self.manager.kernel else self.config.expert_kernel,
             **self.counters().report(),
             "requests": self.requests,
             **self._cuda_stats(),

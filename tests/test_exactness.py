@@ -61,7 +61,7 @@ def test_deepseek_v2_greedy_topk(tiny):
 def test_bf16_checkpoint_upcast_on_cpu(tiny):
     path = tiny("qwen2_moe", dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    eng = moelite.load(path, expert_budget="25%")
+    eng = moelite.load(path, expert_budget="25%", expert_dtype="float32")  # asked for: bf16 read, float32 slots
     assert eng.pool.dtype == torch.float32 and eng.layout.disk_dtype == torch.bfloat16
     ids = torch.randint(3, 128, (1, 12))
     with torch.no_grad():

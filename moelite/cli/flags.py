@@ -39,7 +39,7 @@ _HELP = {
     "expert_budget": "memory for routed experts: '25%%' of them, bytes, a size such as '2GiB', or 'auto' (what "
                      "this machine has room for)",
     "cache_policy": "eviction policy (score = SMoE's score window)",
-    "expert_dtype": "dtype of expert slots (auto = float32 on CPU, checkpoint dtype on CUDA)",
+    "expert_dtype": "dtype of expert slots (auto = the checkpoint's)",
     "cache_scope": "one pool for all layers (global) or an equal share per layer (layer)",
     "warm_start": "fill the cache in layer order at load",
     "drop_page_cache": "drop file pages after each expert read (honest budget)",
@@ -60,7 +60,7 @@ _HELP = {
     "host_budget": "CUDA: pinned host RAM for routed experts under the VRAM slots (auto = all if they fit, "
                    "a size, a percentage, or 0 = read misses from SSD)",
     "cuda_graphs": "CUDA: run decode steps as captured CUDA graphs (misses read zero-copy from pinned RAM)",
-    "expert_kernel": "CUDA: the fused expert computation",
+    "expert_kernel": "the fused expert computation (CUDA: triton or torch; CPU: compiled or eager)",
     "compile_decode": "CUDA graphs: torch.compile the decode step's layers before capture (first call slower)",
 }
 _TYPES = {"int": int, "float": float, "int | None": int}

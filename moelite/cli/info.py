@@ -30,7 +30,10 @@ def run(args) -> int:
     from transformers import AutoConfig
 
     from moelite.core.arch import adapter_for
+    from moelite.config import EngineConfig
     from moelite.core.checkpoint import Checkpoint
+    from moelite.core.cpu_kernels import ResidentKernel
+    from moelite.core.device import slot_dtype
     from moelite.core.expert_store import ExpertLayout
     from moelite.core.memory import auto_budget
     from moelite.demo import demo_model_path
@@ -44,16 +47,19 @@ def run(args) -> int:
     names = layout.expert_tensor_names()
     dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
     expert_bytes = layout.total_disk_bytes
-    fp32_scale = 4 / layout.disk_dtype.itemsize
-    per_expert32 = layout.disk_bytes * fp32_scale
-    auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert32 * len(layout.experts)))
+    fp32_scale = 4 / layout.disk_dtype.itemsize  # dense weights run in float32 on the CPU
+    slot = slot_dtype(EngineConfig(), torch.device("cpu"), layout.disk_dtype)  # expert slots: the checkpoint's dtype
+    per_expert = layout.disk_bytes * slot.itemsize / layout.disk_dtype.itemsize
+    auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert * len(layout.experts)))
+    kernel = ResidentKernel(torch.nn.SiLU(), "auto")
     info = {
         "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
         "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
         "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
         "dense_bytes": dense, "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
-        "min_budget_bytes_fp32": int(top_k * per_expert32), "available_ram_bytes": auto.available,
-        "available_ram_source": auto.source, "max_budget_fitting_ram_fp32": auto.bytes,
+        "cpu_slot_dtype": str(slot).removeprefix("torch."), "min_budget_bytes_cpu": int(top_k * per_expert),
+        "available_ram_bytes": auto.available, "available_ram_source": auto.source,
+        "max_budget_fitting_ram_cpu": auto.bytes, "cpu_expert_kernel": kernel.kind, "cpu_expert_kernel_why": kernel.why,
         "all_experts_resident_cpu": auto.all_resident, "auto_budget_note_cpu": auto.note,
     }
     gpu = None
@@ -68,8 +74,10 @@ def run(args) -> int:
           f"{n_exp} routed experts/layer, top-{top_k}, hidden {layout.hidden}, expert intermediate {layout.intermediate}")
     print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk)")
     print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
-    print(f"  minimum budget     {format_bytes(info['min_budget_bytes_fp32'])} (top-{top_k} experts as float32 on CPU)")
-    print(f"  this machine (CPU) {auto.note}" + _share(auto, per_expert32 * len(layout.experts), " as float32"))
+    how = f" as {info['cpu_slot_dtype']}"
+    print(f"  minimum budget     {format_bytes(info['min_budget_bytes_cpu'])} (top-{top_k} experts{how} on CPU)")
+    print(f"  this machine (CPU) {auto.note}" + _share(auto, per_expert * len(layout.experts), how))
+    print(f"  expert kernel      {kernel.kind}: {kernel.why}")
     if gpu is not None:
         print(f"  this machine (GPU) {gpu.note}" + _share(gpu, expert_bytes, ""))
     return 0

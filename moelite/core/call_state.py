@@ -48,6 +48,7 @@ class ManagerOptions:
     alpha_scale: Mapping[int, float] = field(default_factory=lambda: _EMPTY)  # per-layer multipliers of alpha;
     # empty = one alpha in every layer
     io_parallel: int = 1  # reads in flight at once (I/O threads): what "stall" mode counts rounds with
+    expert_kernel: str = "auto"  # CPU slots: cpu_kernels.ResidentKernel's kind (CUDA kernels: cuda_experts)
 
     def __post_init__(self):
         if self.miss_policy not in MISS_POLICIES:
@@ -68,7 +69,7 @@ class ManagerOptions:
                    prefetch_experts=config.prefetch_experts, substitute_in_prefill=config.substitute_in_prefill,
                    substitution_mode=config.substitution_mode, alpha=config.substitution_alpha,
                    alpha_scale=dict(zip(layers, profile)) if profile is not None else {},
-                   io_parallel=max(1, config.io_threads))
+                   io_parallel=max(1, config.io_threads), expert_kernel=config.expert_kernel)
 
 
 @dataclass(frozen=True)

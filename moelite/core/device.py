@@ -4,7 +4,8 @@ Contract:
   - `parse_device(device)` -> torch.device for 'cpu', 'cuda' or 'cuda:N'; ValueError naming `device` when the
     spelling is wrong, when no CUDA GPU is available, or when the index is beyond the devices present.
   - `slot_dtype(config, device, checkpoint_dtype)` -> the dtype of expert slots: `config.expert_dtype`, or for
-    "auto" float32 on CPU (bf16 GEMM is slow on CPUs without AVX-512) and the checkpoint's dtype on CUDA.
+    "auto" the checkpoint's floating dtype on every device (a bf16 slot holds twice the experts of a float32 one,
+    and a miss reads straight into it; the CPU kernels compute in float32 from 16-bit slots, `cpu_kernels.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,6 @@ def parse_device(device: str | torch.device) -> torch.device:
 def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
     if config.expert_dtype != "auto":
         return getattr(torch, config.expert_dtype)
-    if device.type == "cpu":
-        return torch.float32
+    if not checkpoint_dtype.is_floating_point or checkpoint_dtype.itemsize > 4:
+        return torch.float32  # quantized or float64 checkpoints: compute slots in float32
     return checkpoint_dtype

@@ -49,7 +49,6 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelite.config import alpha_positive
@@ -57,6 +56,7 @@ from moelite.core.arch.base import ArchAdapter, Routing
 from moelite.core.call_state import (DECODE, KEEP, PREFILL, CallState, ManagerOptions, Observer, RouteContext,
                                      RoutingHook, derive)
 from moelite.core.counters import Counters, LayerStats, PhaseCounts
+from moelite.core.cpu_kernels import ResidentKernel, expert_forward
 from moelite.core.expert_cache import ExpertCache
 from moelite.core.expert_store import ExpertReader, SlotPool
 from moelite.core.loader import Loader, timed_read
@@ -116,6 +116,7 @@ class ExpertManager:
         # ---- runtime state
         self.pool, self.cache, self.reader, self.loader = pool, cache, reader, loader
         self.act_fn: nn.Module | None = None
+        self.kernel: ResidentKernel | None = None  # CPU slots: the resident-expert kernel (set by `attach`)
         self.adapter: ArchAdapter | None = None
         self.blocks: dict[int, OffloadedMoEBlock] = {}  # layer -> block
         self.next_layer: dict[int, int] = {}  # layer -> next MoE layer
@@ -140,6 +141,11 @@ class ExpertManager:
     def attach(self, adapter: ArchAdapter, act_fn: nn.Module, blocks: dict[int, "OffloadedMoEBlock"]) -> None:
         """The model's MoE blocks (layer -> block), its architecture adapter and the experts' activation."""
         self.adapter, self.act_fn = adapter, act_fn
+        if self.pool.device.type == "cpu":  # all resident experts of a layer in one call (cpu_kernels.py)
+            kind = self.options.expert_kernel
+            if kind in ("triton", "torch"):
+                raise ValueError(f"expert_kernel: {kind!r} is a CUDA kernel; on the CPU use auto, compiled or eager")
+            self.kernel = ResidentKernel(act_fn, kind)
         self.blocks = dict(sorted(blocks.items()))
         order = list(self.blocks)
         self.next_layer = dict(zip(order, order[1:]))
@@ -208,10 +214,9 @@ class ExpertManager:
 
     # ---- compute ---------------------------------------------------------------------------------------------
     def expert_forward(self, gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
-        """One expert on tokens xs [n, H] -> [n, H] (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H], down [H, I]."""
-        h = xs.to(gate_up.dtype)
-        g, u = F.linear(h, gate_up).chunk(2, dim=-1)  # [n, I] each
-        return F.linear(self.act_fn(g) * u, down).to(xs.dtype)  # [n, H]
+        """One expert on tokens xs [n, H] -> [n, H] in xs's dtype (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H],
+        down [H, I], upcast to xs's dtype when stored narrower (bf16 slots under float32 activations on CPU)."""
+        return expert_forward(gate_up, down, xs, self.act_fn)
 
     def grouped_forward(self, slots: list[int], x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """One token through several resident experts at once: x [1, H], w [m] -> sum_j w[j] * expert_j(x) [1, H].
@@ -508,7 +513,17 @@ class ExpertManager:
     def _compute_resident(self, lp: _LayerPass, resident: list) -> deque:
         """The resident experts, while the misses' reads run; returns their slots (still shielded)."""
         done: deque[int] = deque()
-        if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
+        if self.kernel is not None and resident:  # CPU: every resident (token, expert) pair in one call
+            t0 = time.perf_counter()
+            slot_of = dict(resident)
+            runs = [(slot_of[e], *lp.groups[e]) for e, _ in resident]
+            pick = torch.cat([torch.arange(s, t) for _, s, t in runs]) if len(runs) > 1 else torch.arange(*runs[0][1:])
+            slots = torch.tensor([slot for slot, s, t in runs for _ in range(t - s)])
+            lp.out += self.kernel.run(self.pool.gate_up_all, self.pool.down_all, lp.x, slots, lp.tok[pick],
+                                      lp.wts[pick])
+            done.extend(slot for _, slot in resident)
+            self.counters.compute_seconds += time.perf_counter() - t0
+        elif lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
             t0 = time.perf_counter()
             slots = [slot for _, slot in resident]
             if len(resident) == len(lp.groups) == lp.wts.shape[0]:  # all resident, each expert once: the sorted

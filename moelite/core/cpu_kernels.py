@@ -1,0 +1,130 @@
+"""CPU expert kernels: a MoE layer's resident experts in one call, chosen for the CPU this runs on.
+
+Contract:
+  - `cpu_flags()` -> the instruction-set flags of this CPU that matter here (avx2, fma, avx512f, avx512_bf16,
+    amx_bf16), read from /proc/cpuinfo; recorded with every figure.
+  - `ResidentKernel(act_fn, kind)` computes, for (token, expert) pairs p over resident slots,
+        out[tok[p]] += w[p] * down[slot[p]] @ act(gate[slot[p]] @ x[tok[p]]) * (up[slot[p]] @ x[tok[p]])
+    in one call: `run(gate_up_all [S, 2I, H], down_all [S, H, I], x [N, H], slots [P], tok [P], w [P]) -> [N, H]`.
+    Compute is in x's dtype (float32 on CPU) whatever the slots' storage dtype (bf16, fp16 or fp32): a bf16 slot is
+    upcast on the fly, so the result equals a float32 reference whose weights are the checkpoint's, up to summation
+    order (the exactness tests hold in the checkpoint's dtype).
+  - Kinds: "compiled" = torch.compile (Inductor, C++ codegen) of gather + upcast + two reductions over the pairs:
+    each selected slot's bytes are read once in their storage dtype, with no Python call per expert; used for
+    decode-sized calls (at most `COMPILED_MAX_PAIRS` pairs), where reading the weights is the whole cost.
+    "eager" = one `F.linear` pair per expert (the weights upcast to float32 first when stored narrower), for
+    prefill, where each expert serves many tokens and matrix products dominate. `kind="auto"` picks "compiled" when
+    torch.compile works here (a C++ compiler is needed; tried once at construction on a tiny problem, so a broken
+    toolchain falls back before any real work) and "eager" otherwise; `why` says which runs and why
+    (`moelite info` and `engine.stats()` show it).
+  - The compiled function is SwiGLU with SiLU (every supported architecture; another activation runs eager) and
+    shape-generic (dynamic shapes): one compilation per process and slot dtype, cached on disk by Inductor across
+    processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger("moelite.core.cpu_kernels")
+
+KINDS = ("auto", "compiled", "eager")
+#: largest number of (token, expert) pairs the compiled kernel takes in one call (decode: batch x top-k)
+COMPILED_MAX_PAIRS = 64
+_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, ...]:
+    """The flags of `_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return tuple(f for f in _FLAGS if f in have)
+    return ()
+
+
+def _pairs(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
+           w: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over (token, expert) pairs. Shape legend: S slots, P pairs, N tokens, H hidden, I expert
+    intermediate; gate_up [S, 2I, H], down [S, H, I], x [N, H], slots / tok / w [P]."""
+    xs = x.index_select(0, tok)  # [P, H]
+    h = (gate_up[slots].to(x.dtype) * xs[:, None, :]).sum(-1)  # [P, 2I]
+    g, u = h.chunk(2, dim=-1)  # [P, I] each
+    a = F.silu(g) * u  # [P, I]
+    y = (down[slots].to(x.dtype) * a[:, None, :]).sum(-1)  # [P, H]
+    return torch.zeros_like(x).index_add_(0, tok, y * w[:, None])  # [N, H]
+
+
+@lru_cache(maxsize=1)
+def _compiled_pairs():
+    """`_pairs` compiled once per process (shape-generic), checked on a tiny problem against the eager function so
+    that a broken toolchain shows here, before any real work; raises what torch.compile raised."""
+    fn = torch.compile(_pairs, dynamic=True, fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    gu, dn = torch.randn(3, 8, 16, generator=gen), torch.randn(3, 16, 4, generator=gen)
+    x = torch.randn(2, 16, generator=gen)
+    slots, tok, w = torch.tensor([0, 2, 1]), torch.tensor([0, 0, 1]), torch.rand(3, generator=gen)
+    got, want = fn(gu, dn, x, slots, tok, w), _pairs(gu, dn, x, slots, tok, w)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise RuntimeError("the compiled expert kernel disagrees with the eager one on a smoke test")
+    return fn
+
+
+class ResidentKernel:
+    def __init__(self, act_fn: nn.Module, kind: str = "auto"):
+        if kind not in KINDS:
+            raise ValueError(f"expert_kernel: {kind!r} is not one of {', '.join(KINDS)}")
+        self.act_fn = act_fn
+        self.kind, self.why = "eager", "asked for: one F.linear pair per expert"
+        self._compiled = None
+        if kind == "eager":
+            return
+        if not (isinstance(act_fn, nn.SiLU) or act_fn is F.silu):
+            if kind == "compiled":
+                raise ValueError(f"expert_kernel: 'compiled' computes SwiGLU experts; this model's activation is "
+                                 f"{type(act_fn).__name__}; use 'auto' or 'eager'")
+            self.why = f"the experts' activation is {type(act_fn).__name__}, not SiLU: one F.linear pair per expert"
+            return
+        try:
+            self._compiled = _compiled_pairs()
+            self.kind = "compiled"
+            self.why = ("torch.compile gather + upcast + reduction: one call per layer at decode, slots read once "
+                        f"(CPU flags: {' '.join(cpu_flags()) or 'unknown'})")
+        except Exception as exc:  # no C++ compiler, or Inductor cannot build here: the eager kernel still works
+            if kind == "compiled":
+                raise RuntimeError(f"expert_kernel: 'compiled' asked for, but torch.compile fails here ({exc}); "
+                                   "use 'auto' or 'eager'") from exc
+            self._compiled = None
+            self.why = f"torch.compile is not usable here ({type(exc).__name__}): one F.linear pair per expert"
+            log.warning("expert kernel: %s", self.why)
+
+    def run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
+            w: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS:
+            return self._compiled(gate_up, down, x, slots, tok, w)
+        out = torch.zeros_like(x)
+        for s in slots.unique().tolist():  # eager: each expert once for all its tokens
+            sel = (slots == s).nonzero().squeeze(1)
+            ti = tok[sel]
+            out.index_add_(0, ti, expert_forward(gate_up[s], down[s], x[ti], self.act_fn) * w[sel, None])
+        return out
+
+
+def expert_forward(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """One expert on tokens xs [n, H] -> [n, H] in xs's dtype (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H],
+    down [H, I] in any storage dtype (upcast to xs's dtype when narrower)."""
+    if gate_up.dtype != xs.dtype:
+        gate_up, down = gate_up.to(xs.dtype), down.to(xs.dtype)
+    g, u = F.linear(xs, gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(act_fn(g) * u, down)  # [n, H]

@@ -1,0 +1,80 @@
+"""CPU expert kernels (moelite/core/cpu_kernels.py) and checkpoint-dtype slots.
+
+- The one-call kernels (compiled and eager) equal one F.linear pair per expert in float32, from float32 and from
+  bf16 slots, for decode-sized and prefill-sized calls.
+- A bf16 checkpoint gets bf16 slots by default; moelite then matches transformers run in float32 on the same
+  (bf16-valued) weights, logits and greedy tokens, at every budget.
+- A CUDA kernel name on the CPU is refused at load, naming the choices.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+import moelite
+from moelite.core.cpu_kernels import COMPILED_MAX_PAIRS, ResidentKernel, cpu_flags
+
+
+def _reference(gu, dn, x, slots, tok, w):
+    out = torch.zeros_like(x)
+    for s, t, wt in zip(slots.tolist(), tok.tolist(), w.tolist()):
+        g, u = F.linear(x[t:t + 1], gu[s].float()).chunk(2, -1)
+        out[t] += wt * F.linear(F.silu(g) * u, dn[s].float())[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["auto", "eager"])
+@pytest.mark.parametrize("tokens,pairs", [(1, 1), (1, 6), (3, 9), (40, COMPILED_MAX_PAIRS + 16)])
+def test_resident_kernel_equals_per_expert_float32(dtype, kind, tokens, pairs):
+    gen = torch.Generator().manual_seed(tokens * 100 + pairs)
+    S, H, I = 10, 32, 24
+    gu = (torch.randn(S, 2 * I, H, generator=gen) * 0.2).to(dtype)
+    dn = (torch.randn(S, H, I, generator=gen) * 0.2).to(dtype)
+    x = torch.randn(tokens, H, generator=gen)
+    slots = torch.randint(0, S, (pairs,), generator=gen)
+    tok = torch.randint(0, tokens, (pairs,), generator=gen)
+    w = torch.rand(pairs, generator=gen)
+    k = ResidentKernel(nn.SiLU(), kind)
+    got = k.run(gu, dn, x, slots, tok, w)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, _reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
+    if kind == "eager":
+        assert k.kind == "eager"
+
+
+def test_auto_kernel_says_which_runs_and_why():
+    k = ResidentKernel(nn.SiLU(), "auto")
+    assert k.kind in ("compiled", "eager") and k.why
+    if k.kind == "compiled":
+        assert "CPU flags" in k.why
+    assert all(f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") for f in cpu_flags())
+    assert ResidentKernel(nn.GELU(), "auto").kind == "eager"  # not SwiGLU with SiLU: never compiled
+    with pytest.raises(ValueError, match="expert_kernel"):
+        ResidentKernel(nn.SiLU(), "triton")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("budget", ["25%", "100%"])
+def test_bf16_checkpoint_gets_bf16_slots_and_matches_transformers(tiny, arch, budget):
+    path = tiny(arch, dtype=torch.bfloat16)
+    eng = moelite.load(path, expert_budget=budget)
+    assert eng.pool.dtype == torch.bfloat16  # expert_dtype "auto" = the checkpoint's
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        expected = ref(ids).logits
+    assert (eng.logits(ids) - expected).abs().max().item() < 1e-4
+    prompt = ids[0].tolist()
+    want = ref.generate(ids[:1], max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(prompt):].tolist()
+    eng.eos_ids = set()
+    assert eng.generate(prompt, max_tokens=12, temperature=0).token_ids == want
+
+
+def test_cuda_kernel_name_refused_on_cpu(tiny):
+    with pytest.raises(ValueError, match="expert_kernel: 'triton' is a CUDA kernel"):
+        moelite.load(tiny("qwen2_moe"), expert_kernel="triton")
