@@ -109,6 +109,19 @@ class ResidentKernel:
             self.why = f"torch.compile is not usable here ({type(exc).__name__}): one F.linear pair per expert"
             log.warning("expert kernel: %s", self.why)
 
+    def warm(self, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        """Compile now, at load, for the calls decode makes on these slot views (their dtype and strides): one and
+        several tokens, one and several pairs (torch.compile specialises sizes 1 apart), so that no request pays
+        the compilation. The slots' contents do not matter (the results are dropped)."""
+        if self._compiled is None:
+            return
+        h, last = gate_up.shape[-1], min(1, gate_up.shape[0] - 1)
+        for n, pairs in ((1, 1), (1, 2), (2, 3)):
+            x = torch.zeros(n, h, dtype=dtype)
+            slots = torch.tensor([0, last, 0][:pairs])
+            tok = torch.tensor([0, 0, n - 1][:pairs])
+            self._compiled(gate_up, down, x, slots, tok, torch.zeros(pairs, dtype=dtype))
+
     def run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
             w: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS:

@@ -146,6 +146,7 @@ class ExpertManager:
             if kind in ("triton", "torch"):
                 raise ValueError(f"expert_kernel: {kind!r} is a CUDA kernel; on the CPU use auto, compiled or eager")
             self.kernel = ResidentKernel(act_fn, kind)
+            self.kernel.warm(self.pool.gate_up_all, self.pool.down_all)
         self.blocks = dict(sorted(blocks.items()))
         order = list(self.blocks)
         self.next_layer = dict(zip(order, order[1:]))
