@@ -74,3 +74,19 @@ def test_bench_cli_end_to_end(tiny, tmp_path):
     assert last["summary"]["budget_never_exceeded"] is True
     assert last["summary"]["25%"]["belady_hit_rate"] >= last["summary"]["25%"]["best_online_hit_rate"] - 1e-9
     assert (tmp_path / "b" / "hit_rate.png").is_file() and (tmp_path / "b" / "decode.png").is_file()
+
+
+def test_roofline_bound_counts_dense_but_embedding_plus_active_experts(tiny):
+    from moelite.eval.bench import bytes_per_token, roofline
+
+    eng = moelite.load(tiny("qwen2_moe"), expert_budget="100%")
+    t = eng.checkpoint.tensors
+    experts = eng.layout.expert_tensor_names()
+    emb = t["model.embed_tokens.weight"].nbytes
+    dense = sum(v.nbytes for n, v in t.items() if n not in experts)
+    want = dense - emb + eng.top_k * len(eng.layout.layers) * eng.layout.disk_bytes
+    assert bytes_per_token(eng) == want
+    r = roofline(eng, decode_tok_s=10.0)
+    assert r["bytes_per_token"] == want and r["bound_tok_s"] > 0
+    assert abs(r["roofline_ratio"] - 10.0 / r["bound_tok_s"]) < 1e-12
+    assert set(r["read_gbps_by_threads"]) <= {"1", "2"} and all(v > 0 for v in r["read_gbps_by_threads"].values())

@@ -27,6 +27,10 @@ def add_arguments(p) -> None:
                    help="also run the best policy with prefetch at each budget")
     p.add_argument("--upper-bound", action=argparse.BooleanOptionalAction, default=True,
                    help="also run all experts resident (uncapped, warm) as the upper bound")
+    p.add_argument("--roofline", action="store_true",
+                   help="with the upper bound: measure this machine's read bandwidth (best of 1 and 2 threads over "
+                        "1 GiB) and report the decode bound (weight bytes a token reads, in the checkpoint's dtype, "
+                        "over it), the measured speed and their ratio")
     p.add_argument("--prompts", default=None, metavar="FILE",
                    help="prompt file, one per line or JSON lines (default: the built-in three-domain prompts)")
     p.add_argument("--n-prompts", type=positive_int, default=6, help="prompts of the set to run")
@@ -54,12 +58,15 @@ def run(args) -> int:
     else:
         from moelite.eval.bench import BenchPlan, run_bench
 
+        if args.roofline and not args.upper_bound:
+            raise ValueError("--roofline: needs the all-resident row; drop --no-upper-bound")
         engine = engine_fields(args)
         del engine["expert_budget"], engine["cache_policy"]
         plan = BenchPlan(model=args.model, out=args.out, budgets=args.expert_budget, policies=args.cache_policy,
                          engine=engine, prompts=args.prompts, n_prompts=args.n_prompts, max_tokens=args.max_tokens,
                          prompt_tokens=args.prompt_tokens, replay=args.replay, prefetch_row=args.prefetch_row,
-                         upper_bound=args.upper_bound, cgroup_mem=args.cgroup_mem, timeout=args.timeout,
+                         upper_bound=args.upper_bound, roofline=args.roofline, cgroup_mem=args.cgroup_mem,
+                         timeout=args.timeout,
                          command="moelite bench " + " ".join(sys.argv[2:]))
         try:
             plan.validate()  # every configuration, before the first worker starts

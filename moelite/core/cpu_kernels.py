@@ -66,6 +66,16 @@ def _pairs(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: to
     return torch.zeros_like(x).index_add_(0, tok, y * w[:, None])  # [N, H]
 
 
+def is_silu(act_fn) -> bool:
+    """Whether `act_fn` computes SiLU (transformers has its own SiLU classes: checked by value, not by type)."""
+    t = torch.linspace(-6, 6, 49)
+    try:
+        with torch.no_grad():
+            return bool(torch.allclose(act_fn(t), F.silu(t), rtol=1e-6, atol=1e-7))
+    except Exception:
+        return False
+
+
 @lru_cache(maxsize=1)
 def _compiled_pairs():
     """`_pairs` compiled once per process (shape-generic), checked on a tiny problem against the eager function so
@@ -90,7 +100,7 @@ class ResidentKernel:
         self._compiled = None
         if kind == "eager":
             return
-        if not (isinstance(act_fn, nn.SiLU) or act_fn is F.silu):
+        if not is_silu(act_fn):
             if kind == "compiled":
                 raise ValueError(f"expert_kernel: 'compiled' computes SwiGLU experts; this model's activation is "
                                  f"{type(act_fn).__name__}; use 'auto' or 'eager'")
@@ -120,12 +130,26 @@ class ResidentKernel:
             x = torch.zeros(n, h, dtype=dtype)
             slots = torch.tensor([0, last, 0][:pairs])
             tok = torch.tensor([0, 0, n - 1][:pairs])
-            self._compiled(gate_up, down, x, slots, tok, torch.zeros(pairs, dtype=dtype))
+            if self._call(gate_up, down, x, slots, tok, torch.zeros(pairs, dtype=dtype)) is None:
+                return
+
+    def _call(self, *args) -> torch.Tensor | None:
+        """The compiled kernel, or None after it failed (e.g. a process that built many engines of other shapes
+        hits torch.compile's recompilation limit): this kernel then runs eager from here on, and says so."""
+        try:
+            return self._compiled(*args)
+        except Exception as exc:
+            self._compiled, self.kind = None, "eager"
+            self.why = f"torch.compile failed at run time ({type(exc).__name__}): one F.linear pair per expert"
+            log.warning("expert kernel: %s", self.why)
+            return None
 
     def run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
             w: torch.Tensor) -> torch.Tensor:
         if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS:
-            return self._compiled(gate_up, down, x, slots, tok, w)
+            out = self._call(gate_up, down, x, slots, tok, w)
+            if out is not None:
+                return out
         out = torch.zeros_like(x)
         for s in slots.unique().tolist():  # eager: each expert once for all its tokens
             sel = (slots == s).nonzero().squeeze(1)

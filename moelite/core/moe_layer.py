@@ -228,6 +228,8 @@ class ExpertManager:
         idx = torch.tensor(slots, device=self.pool.device)
         gate_up = self.pool.gate_up_all.index_select(0, idx)  # [m, 2I, H]
         down = self.pool.down_all.index_select(0, idx)  # [m, H, I]
+        if gate_up.dtype != x.dtype and x.device.type == "cpu":  # 16-bit slots: compute in float32 (exact, and
+            gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)  # fast on CPUs without AVX-512-BF16)
         h = torch.matmul(gate_up, x[0].to(gate_up.dtype))  # [m, 2I]
         g, u = h.chunk(2, dim=-1)  # [m, I] each
         y = torch.matmul(down, (self.act_fn(g) * u).unsqueeze(-1)).squeeze(-1).to(x.dtype)  # [m, H]
@@ -514,17 +516,7 @@ class ExpertManager:
     def _compute_resident(self, lp: _LayerPass, resident: list) -> deque:
         """The resident experts, while the misses' reads run; returns their slots (still shielded)."""
         done: deque[int] = deque()
-        if self.kernel is not None and resident:  # CPU: every resident (token, expert) pair in one call
-            t0 = time.perf_counter()
-            slot_of = dict(resident)
-            runs = [(slot_of[e], *lp.groups[e]) for e, _ in resident]
-            pick = torch.cat([torch.arange(s, t) for _, s, t in runs]) if len(runs) > 1 else torch.arange(*runs[0][1:])
-            slots = torch.tensor([slot for slot, s, t in runs for _ in range(t - s)])
-            lp.out += self.kernel.run(self.pool.gate_up_all, self.pool.down_all, lp.x, slots, lp.tok[pick],
-                                      lp.wts[pick])
-            done.extend(slot for _, slot in resident)
-            self.counters.compute_seconds += time.perf_counter() - t0
-        elif lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
+        if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
             t0 = time.perf_counter()
             slots = [slot for _, slot in resident]
             if len(resident) == len(lp.groups) == lp.wts.shape[0]:  # all resident, each expert once: the sorted
@@ -533,6 +525,16 @@ class ExpertManager:
                 w_res = torch.stack([lp.wts[slice(*lp.groups[e])].sum() for e, _ in resident])
             lp.out += self.grouped_forward(slots, lp.x, w_res)
             done.extend(slots)
+            self.counters.compute_seconds += time.perf_counter() - t0
+        elif self.kernel is not None and resident:  # CPU, larger experts: every resident (token, expert) pair in one call
+            t0 = time.perf_counter()
+            slot_of = dict(resident)
+            runs = [(slot_of[e], *lp.groups[e]) for e, _ in resident]
+            pick = torch.cat([torch.arange(s, t) for _, s, t in runs]) if len(runs) > 1 else torch.arange(*runs[0][1:])
+            slots = torch.tensor([slot for slot, s, t in runs for _ in range(t - s)])
+            lp.out += self.kernel.run(self.pool.gate_up_all, self.pool.down_all, lp.x, slots, lp.tok[pick],
+                                      lp.wts[pick])
+            done.extend(slot for _, slot in resident)
             self.counters.compute_seconds += time.perf_counter() - t0
         else:
             for e, slot in resident:

@@ -65,6 +65,47 @@ def drop_file_cache(folder: Path) -> None:
                 os.close(fd)
 
 
+# ---- roofline ----------------------------------------------------------------------------------------------------
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[int, float]:
+    """This machine's read bandwidth now (GB/s) by thread count: the best of `repeats` sums over `gib` GiB, at 1
+    thread and at 2 (when there are two cores)."""
+    buf = torch.ones(int(gib * (1 << 30)) // 4)
+    old, out = torch.get_num_threads(), {}
+    try:
+        for t in sorted({1, min(2, os.cpu_count() or 1)}):
+            torch.set_num_threads(t)
+            buf.sum()  # fault the pages in and warm up
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                buf.sum()
+                best = min(best, time.perf_counter() - t0)
+            out[t] = buf.numel() * 4 / best / 1e9
+    finally:
+        torch.set_num_threads(old)
+    return out
+
+
+def bytes_per_token(engine) -> int:
+    """Weight bytes one decode token reads, in the checkpoint's dtype: every dense weight but the embedding, plus
+    the token's active experts (top-k in every MoE layer)."""
+    experts = engine.layout.expert_tensor_names()
+    dense = sum(t.nbytes for n, t in engine.checkpoint.tensors.items()
+                if n not in experts and not n.endswith("embed_tokens.weight"))
+    return dense + engine.top_k * len(engine.layout.layers) * engine.layout.disk_bytes
+
+
+def roofline(engine, decode_tok_s: float) -> dict:
+    """The decode bound of this model on this machine (bytes per token over the best read bandwidth, measured now)
+    and the share of it `decode_tok_s` reaches."""
+    bw = read_bandwidth()
+    best = max(bw.values())
+    per_token = bytes_per_token(engine)
+    bound = best * 1e9 / per_token
+    return {"read_gbps_by_threads": {str(k): round(v, 2) for k, v in bw.items()}, "bytes_per_token": per_token,
+            "bound_tok_s": bound, "roofline_ratio": decode_tok_s / bound}
+
+
 # ---- worker ------------------------------------------------------------------------------------------------------
 def worker(spec: dict) -> dict:
     if spec["engine"].get("num_threads") is None:  # every core unless the engine picks (1 for small models)
@@ -96,8 +137,11 @@ def worker(spec: dict) -> dict:
     if rec is not None:
         rec.save(spec["record"])
     s = engine.stats()
+    tok_s = dec_tokens / dec_s if dec_s else 0.0
     return {
-        "decode_tok_s": dec_tokens / dec_s if dec_s else 0.0, "ttft_s": ttft / len(prompts), "load_s": load_s,
+        **(roofline(engine, tok_s) if spec.get("roofline") else {}),
+        "expert_kernel": s["expert_kernel"], "expert_slot_dtype": s["expert_slot_dtype"],
+        "decode_tok_s": tok_s, "ttft_s": ttft / len(prompts), "load_s": load_s,
         # the counters' own names (moelite.core.counters): decode exact hits over decode evaluations, etc.
         **{k: s[k] for k in ("decode_exact_hit_rate", "decode_read_wait_rate", "exact_hit_rate", "expert_hits",
                              "expert_misses", "expert_reads_in_flight")},
@@ -184,6 +228,7 @@ class BenchPlan:
     cgroup_mem: str | None = None
     timeout: float = 1800.0
     command: str = "moelite bench"
+    roofline: bool = False  # the all-resident row also reports the read-bandwidth bound and its share of it
 
     def validate(self) -> "BenchPlan":
         """ValueError naming the field before any worker starts: every configuration must be a valid EngineConfig."""
@@ -229,8 +274,9 @@ def run_bench(plan: BenchPlan, progress: bool = False, echo: bool = True) -> dic
     say(f"# {cap.note}")
     rows = []
 
-    def go(label, policy, budget, uncapped=False, **engine):
-        spec = dict(common, engine=dict(base_engine, cache_policy=policy, expert_budget=budget, **engine))
+    def go(label, policy, budget, uncapped=False, roofline=False, **engine):
+        spec = dict(common, roofline=roofline,
+                    engine=dict(base_engine, cache_policy=policy, expert_budget=budget, **engine))
         if label == "policy" and policy == "lru" and not engine.get("prefetch"):
             spec["record"] = str(out / f"trace_{budget.replace('%', 'pct')}.npz")
         t0 = time.perf_counter()
@@ -246,7 +292,7 @@ def run_bench(plan: BenchPlan, progress: bool = False, echo: bool = True) -> dic
     say(_header())
     try:
         if plan.upper_bound:  # holds every expert, so it runs without the cap (it would not fit under it)
-            go("all-resident", "lru", "100%", uncapped=True, warm_start=True)
+            go("all-resident", "lru", "100%", uncapped=True, warm_start=True, roofline=plan.roofline)
         go("on-demand", "lru", budgets[0], miss_policy="direct")
         for b in budgets:
             for p in policies:
@@ -324,6 +370,10 @@ def _summary(rows, budgets) -> dict:
     ok = [r for r in rows if r.get("survived") and not r.get("simulated")]
     demand = next((r for r in ok if r["kind"] == "on-demand"), None)
     out = {"budget_never_exceeded": all(r["resident_expert_bytes_peak"] <= r["expert_budget_bytes"] for r in ok)}
+    top = next((r for r in ok if r["kind"] == "all-resident" and "bound_tok_s" in r), None)
+    if top is not None:
+        out["roofline"] = {k: top[k] for k in ("decode_tok_s", "bound_tok_s", "roofline_ratio", "bytes_per_token",
+                                               "read_gbps_by_threads", "expert_kernel", "expert_slot_dtype")}
     for b in budgets:
         online = [r for r in ok if r["kind"].startswith("policy") and r["budget"] == b]
         if not online:
