@@ -125,7 +125,7 @@ class Engine:
         layout, ckpt = self.layout, self.checkpoint
         self.dtype = torch.float32 if self.device.type == "cpu" or not layout.disk_dtype.is_floating_point \
             else layout.disk_dtype
-        sdtype = slot_dtype(self.config, self.device, layout.disk_dtype)
+        sdtype = slot_dtype(self.config, self.device, layout.disk_dtype, layout.numel)
         slot_bytes = layout.numel * sdtype.itemsize
         total = slot_bytes * len(layout.experts)
         experts = layout.expert_tensor_names()

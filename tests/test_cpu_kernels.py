@@ -58,10 +58,10 @@ def test_auto_kernel_says_which_runs_and_why():
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
 @pytest.mark.parametrize("budget", ["25%", "100%"])
-def test_bf16_checkpoint_gets_bf16_slots_and_matches_transformers(tiny, arch, budget):
+def test_bf16_slots_match_transformers(tiny, arch, budget):
     path = tiny(arch, dtype=torch.bfloat16)
-    eng = moelite.load(path, expert_budget=budget)
-    assert eng.pool.dtype == torch.bfloat16  # expert_dtype "auto" = the checkpoint's
+    eng = moelite.load(path, expert_budget=budget, expert_dtype="bfloat16")
+    assert eng.pool.dtype == torch.bfloat16
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (2, 9))
@@ -73,6 +73,19 @@ def test_bf16_checkpoint_gets_bf16_slots_and_matches_transformers(tiny, arch, bu
                         pad_token_id=0)[0, len(prompt):].tolist()
     eng.eos_ids = set()
     assert eng.generate(prompt, max_tokens=12, temperature=0).token_ids == want
+
+
+def test_auto_slot_dtype_is_the_checkpoints_except_small_cpu_experts():
+    from moelite.config import EngineConfig
+    from moelite.core.device import SMALL_EXPERT_BYTES, slot_dtype
+
+    cpu, cuda, auto = torch.device("cpu"), torch.device("cuda"), EngineConfig()
+    big, small = SMALL_EXPERT_BYTES // 4, SMALL_EXPERT_BYTES // 4 - 1  # elements of one expert
+    assert slot_dtype(auto, cpu, torch.bfloat16, big) == torch.bfloat16  # real-size experts: the checkpoint's
+    assert slot_dtype(auto, cpu, torch.bfloat16, small) == torch.float32  # tiny experts on the CPU: float32
+    assert slot_dtype(auto, cuda, torch.bfloat16, small) == torch.bfloat16
+    assert slot_dtype(auto, cpu, torch.float16, None) == torch.float16
+    assert slot_dtype(EngineConfig(expert_dtype="float32"), cpu, torch.bfloat16, big) == torch.float32
 
 
 def test_cuda_kernel_name_refused_on_cpu(tiny):

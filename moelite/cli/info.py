@@ -48,7 +48,7 @@ def run(args) -> int:
     dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
     expert_bytes = layout.total_disk_bytes
     fp32_scale = 4 / layout.disk_dtype.itemsize  # dense weights run in float32 on the CPU
-    slot = slot_dtype(EngineConfig(), torch.device("cpu"), layout.disk_dtype)  # expert slots: the checkpoint's dtype
+    slot = slot_dtype(EngineConfig(), torch.device("cpu"), layout.disk_dtype, layout.numel)  # as the engine picks
     per_expert = layout.disk_bytes * slot.itemsize / layout.disk_dtype.itemsize
     auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert * len(layout.experts)))
     kernel = ResidentKernel(torch.nn.SiLU(), "auto")

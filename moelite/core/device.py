@@ -4,8 +4,9 @@ Contract:
   - `parse_device(device)` -> torch.device for 'cpu', 'cuda' or 'cuda:N'; ValueError naming `device` when the
     spelling is wrong, when no CUDA GPU is available, or when the index is beyond the devices present.
   - `slot_dtype(config, device, checkpoint_dtype)` -> the dtype of expert slots: `config.expert_dtype`, or for
-    "auto" the checkpoint's floating dtype on every device (a bf16 slot holds twice the experts of a float32 one,
-    and a miss reads straight into it; the CPU kernels compute in float32 from 16-bit slots, `cpu_kernels.py`).
+    "auto" the checkpoint's floating dtype (a bf16 slot holds twice the experts of a float32 one, and a miss reads
+    straight into it; the CPU kernels compute in float32 from 16-bit slots, `cpu_kernels.py`), except on the CPU
+    for experts under SMALL_EXPERT_BYTES in float32 (`expert_numel` given): there float32 slots are faster.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ def parse_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+#: on the CPU, experts smaller than this (in float32) keep float32 slots under "auto": their compute is per-call
+#: overhead, not reading weights, and converting 16-bit slots on every call measured slower (demo model, 2026-11-26)
+SMALL_EXPERT_BYTES = 1 << 20
+
+
+def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype,
+               expert_numel: int | None = None) -> torch.dtype:
     if config.expert_dtype != "auto":
         return getattr(torch, config.expert_dtype)
     if not checkpoint_dtype.is_floating_point or checkpoint_dtype.itemsize > 4:
         return torch.float32  # quantized or float64 checkpoints: compute slots in float32
+    if device.type == "cpu" and expert_numel is not None and expert_numel * 4 < SMALL_EXPERT_BYTES:
+        return torch.float32
     return checkpoint_dtype
