@@ -121,8 +121,9 @@ class ResidentKernel:
 
     def warm(self, gate_up: torch.Tensor, down: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
         """Compile now, at load, for the calls decode makes on these slot views (their dtype and strides): one and
-        several tokens, one and several pairs (torch.compile specialises sizes 1 apart), so that no request pays
-        the compilation. The slots' contents do not matter (the results are dropped)."""
+        several tokens, one and several pairs (torch.compile specialises sizes 1 apart). Not every shape is
+        covered yet: on a real-shape checkpoint the first generations after load still ran slower (a compile
+        on first use, presumably). The slots' contents do not matter (the results are dropped)."""
         if self._compiled is None:
             return
         h, last = gate_up.shape[-1], min(1, gate_up.shape[0] - 1)
