@@ -67,17 +67,17 @@ class PhaseTotals:
                 f"{prefix}read_wait_rate": ratio(self.reads_waited, n)}
 
 
-@dataclass(slots=True)
 class PhaseCounts:
-    """The running counts of one phase (mutable; frozen into `PhaseTotals` by a snapshot)."""
+    """The running counts of one phase: `PhaseTotals`' fields, mutable (frozen into a `PhaseTotals` by a snapshot)."""
 
-    hits: int = 0
-    misses: int = 0
-    in_flight: int = 0
-    substitutions: int = 0
+    __slots__ = tuple(f.name for f in fields(PhaseTotals))
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
 
     def freeze(self) -> PhaseTotals:
-        return PhaseTotals(self.hits, self.misses, self.in_flight, self.substitutions)
+        return PhaseTotals(*(getattr(self, name) for name in self.__slots__))
 
 
 @dataclass(slots=True)

@@ -528,10 +528,9 @@ class ExpertManager:
             self.counters.compute_seconds += time.perf_counter() - t0
         elif self.kernel is not None and resident:  # CPU, larger experts: every resident (token, expert) pair in one call
             t0 = time.perf_counter()
-            slot_of = dict(resident)
-            runs = [(slot_of[e], *lp.groups[e]) for e, _ in resident]
-            pick = torch.cat([torch.arange(s, t) for _, s, t in runs]) if len(runs) > 1 else torch.arange(*runs[0][1:])
-            slots = torch.tensor([slot for slot, s, t in runs for _ in range(t - s)])
+            runs = [(slot, *lp.groups[e]) for e, slot in resident]  # (slot, first pair, end) per expert
+            pick = torch.cat([torch.arange(s, t) for _, s, t in runs])  # [P] its pairs in the sorted order
+            slots = torch.tensor([slot for slot, s, t in runs for _ in range(t - s)])  # [P]
             lp.out += self.kernel.run(self.pool.gate_up_all, self.pool.down_all, lp.x, slots, lp.tok[pick],
                                       lp.wts[pick])
             done.extend(slot for _, slot in resident)
