@@ -22,11 +22,13 @@ CACHE_POLICIES = ("lru", "lfu", "score", "fifo")
 MISS_POLICIES = ("load", "direct", "hybrid")
 SUBSTITUTION_MODES = ("always", "stall")
 EXPERT_DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXPERT_KERNELS = ("auto", "triton", "torch", "compiled", "eager")  # triton/torch: CUDA; compiled/eager: CPU
+EXPERT_KERNELS = ("auto", "triton", "torch", "native", "compiled", "eager")  # triton/torch: CUDA; others: CPU
+DENSE_DTYPES = ("auto", "float32")
 CACHE_SCOPES = ("global", "layer")
 #: the fixed set of values of each EngineConfig field that has one (the CLI's `choices=`)
 CHOICES = {"cache_policy": CACHE_POLICIES, "miss_policy": MISS_POLICIES, "substitution_mode": SUBSTITUTION_MODES,
-           "expert_dtype": EXPERT_DTYPES, "expert_kernel": EXPERT_KERNELS, "cache_scope": CACHE_SCOPES}
+           "expert_dtype": EXPERT_DTYPES, "expert_kernel": EXPERT_KERNELS, "cache_scope": CACHE_SCOPES,
+           "dense_dtype": DENSE_DTYPES}
 #: the substitution alphas `moelite tune` measures unless told otherwise
 DEFAULT_ALPHAS = "0,0.1,0.2,0.3,0.4,0.5"
 _UNITS = {
@@ -92,6 +94,10 @@ class EngineConfig:
     # dtype of expert slots; "auto" = the checkpoint's (bf16/fp16 stay 16-bit: twice the experts per budget, misses
     # read straight into the slot; CPU kernels compute in float32 from them)
     expert_dtype: str = "auto"
+    # CPU: dtype the large dense weights (attention, shared experts, lm_head, embeddings) are kept in; "auto" = the
+    # checkpoint's bf16/fp16 (half the bytes to hold and to read per token; computed in float32 by the native
+    # kernels, moelite.core.dense), "float32" = converted at load. Small layers and fp32 checkpoints stay float32.
+    dense_dtype: str = "auto"
     # one pool shared by all layers ("global") or an equal share per MoE layer ("layer")
     cache_scope: str = "global"
     # fill the cache in layer order at load (SMoE) or start empty
@@ -132,8 +138,8 @@ class EngineConfig:
     # CUDA (with a host tier): decode steps run as captured CUDA graphs, misses read zero-copy from pinned RAM
     cuda_graphs: bool = True
     # the fused expert computation: on CUDA "triton" kernels or the "torch" gather + batched matmul; on the CPU
-    # "compiled" (torch.compile gather + upcast + reduction, one call per layer at decode) or "eager" (F.linear per
-    # expert); "auto" = the fastest that works on this machine
+    # "native" (moelite's AVX2 kernel, one call per layer at decode), "compiled" (torch.compile gather + upcast +
+    # reduction) or "eager" (F.linear per expert); "auto" = the fastest that works on this machine
     expert_kernel: str = "auto"
     # CUDA graphs: compile the decode step's decoder layers and MoE glue with torch.compile before capture
     # (fewer, fused kernels; the first generation per batch size pays the compile, ~15-20 s)
@@ -169,6 +175,8 @@ class EngineConfig:
             except ValueError as exc:
                 raise ValueError(str(exc).replace("expert_budget:", "host_budget:", 1)
                                  + " (or 'auto', or 0 for no host tier)") from None
+        if self.dense_dtype not in DENSE_DTYPES:
+            raise ValueError(f"dense_dtype: {self.dense_dtype!r} is not one of {', '.join(DENSE_DTYPES)}")
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel: {self.expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):

@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoTokenizer
 from moelite.core.arch import adapter_for
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 from moelite.config import EngineConfig, check_alpha, format_bytes, resolve_budget
+from moelite.core.dense import dense_dtype, stored_dtype
 from moelite.core.device import parse_device, slot_dtype
 from moelite.core.expert_cache import ExpertCache, make_policy
 from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
@@ -73,7 +74,7 @@ class Engine:
         self._check_profile()
         self._build_expert_manager(sdtype, n_slots)
         self.model = build_model(self.checkpoint, self.adapter, self.hf_config, self.layout, self.reader, self.manager,
-                                 self.device, self.dtype, self.top_k, progress=progress)
+                                 self.device, self.dtype, self.top_k, progress=progress, dense16=self.dense16)
         self.host = None
         self._decoders: dict = {}
         if self.device.type == "cuda":
@@ -129,7 +130,8 @@ class Engine:
         slot_bytes = layout.numel * sdtype.itemsize
         total = slot_bytes * len(layout.experts)
         experts = layout.expert_tensor_names()
-        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * self.dtype.itemsize
+        self.dense16 = dense_dtype(self.config.dense_dtype, self.device, layout.disk_dtype)
+        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * stored_dtype(t.shape, self.dense16, self.dtype).itemsize
                                for n, t in ckpt.tensors.items() if n not in experts)
         self.budget_note = None
         budget_value = self.config.expert_budget
@@ -506,6 +508,9 @@ class Engine:
             "resident_expert_bytes_peak": c.resident_peak,
             "expert_slot_dtype": str(self.pool.dtype).removeprefix("torch."),
             "expert_kernel": self.manager.kernel.kind if self.manager.kernel else self.config.expert_kernel,
+            # the storage dtype of the largest dense weight (small layers stay float32 on the CPU, core/dense.py)
+            "dense_dtype": str(max(self.model.parameters(), key=torch.Tensor.numel).dtype).removeprefix("torch."),
+            "dense_bytes": self.dense_bytes,
             **self.counters().report(),
             "requests": self.requests,
             **self._cuda_stats(),

@@ -1,9 +1,11 @@
 """CPU expert kernels (moelite/core/cpu_kernels.py) and checkpoint-dtype slots.
 
-- The one-call kernels (compiled and eager) equal one F.linear pair per expert in float32, from float32 and from
+- The one-call kernels (native, compiled and eager) equal one F.linear pair per expert in float32, from float32 and from
   bf16 slots, for decode-sized and prefill-sized calls.
 - A bf16 checkpoint gets bf16 slots by default; moelite then matches transformers run in float32 on the same
   (bf16-valued) weights, logits and greedy tokens, at every budget.
+- With the dense weights kept 16-bit too (core/dense.py, forced onto the tiny model's small layers), the same holds,
+  and the dense bytes the budget counts are halved.
 - A CUDA kernel name on the CPU is refused at load, naming the choices.
 """
 
@@ -14,7 +16,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moelite
+from moelite.core import dense, native
 from moelite.core.cpu_kernels import COMPILED_MAX_PAIRS, ResidentKernel, cpu_flags
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable here")
 
 
 def _reference(gu, dn, x, slots, tok, w):
@@ -26,7 +31,7 @@ def _reference(gu, dn, x, slots, tok, w):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["auto", "eager"])
+@pytest.mark.parametrize("kind", ["auto", pytest.param("native", marks=needs_native), "eager"])
 @pytest.mark.parametrize("tokens,pairs", [(1, 1), (1, 6), (3, 9), (40, COMPILED_MAX_PAIRS + 16)])
 def test_resident_kernel_equals_per_expert_float32(dtype, kind, tokens, pairs):
     gen = torch.Generator().manual_seed(tokens * 100 + pairs)
@@ -38,6 +43,10 @@ def test_resident_kernel_equals_per_expert_float32(dtype, kind, tokens, pairs):
     tok = torch.randint(0, tokens, (pairs,), generator=gen)
     w = torch.rand(pairs, generator=gen)
     k = ResidentKernel(nn.SiLU(), kind)
+    order = torch.argsort(slots, stable=True)  # the manager passes pairs grouped by slot
+    slots, tok, w = slots[order], tok[order], w[order]
+    keep = torch.tensor([i == 0 or (slots[i], tok[i]) != (slots[i - 1], tok[i - 1]) for i in range(pairs)])
+    slots, tok, w = slots[keep], tok[keep], w[keep]  # a token picks an expert once
     got = k.run(gu, dn, x, slots, tok, w)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, _reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
@@ -47,8 +56,9 @@ def test_resident_kernel_equals_per_expert_float32(dtype, kind, tokens, pairs):
 
 def test_auto_kernel_says_which_runs_and_why():
     k = ResidentKernel(nn.SiLU(), "auto")
-    assert k.kind in ("compiled", "eager") and k.why
-    if k.kind == "compiled":
+    assert k.kind in ("native", "compiled", "eager") and k.why
+    assert (k.kind == "native") == native.available()  # the native kernel wherever it runs
+    if k.kind in ("native", "compiled"):
         assert "CPU flags" in k.why
     assert all(f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") for f in cpu_flags())
     assert ResidentKernel(nn.GELU(), "auto").kind == "eager"  # not SwiGLU with SiLU: never compiled
@@ -58,10 +68,20 @@ def test_auto_kernel_says_which_runs_and_why():
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral"])
 @pytest.mark.parametrize("budget", ["25%", "100%"])
-def test_bf16_slots_match_transformers(tiny, arch, budget):
+@pytest.mark.parametrize("dense16", [False, pytest.param(True, marks=needs_native)])
+def test_bf16_slots_match_transformers(tiny, arch, budget, dense16, monkeypatch):
     path = tiny(arch, dtype=torch.bfloat16)
+    if dense16:  # every dense matrix 16-bit, however small
+        monkeypatch.setattr(dense, "SMALL_DENSE_BYTES", 0)
     eng = moelite.load(path, expert_budget=budget, expert_dtype="bfloat16")
     assert eng.pool.dtype == torch.bfloat16
+    kinds = {type(m).__name__ for m in eng.model.modules()}
+    assert ("Linear16" in kinds and "Embedding16" in kinds) == dense16
+    assert eng.stats()["dense_dtype"] == ("bfloat16" if dense16 else "float32")
+    if dense16:
+        full = moelite.load(path, expert_budget=budget, expert_dtype="bfloat16", dense_dtype="float32")
+        assert full.stats()["dense_dtype"] == "float32"
+        assert eng.dense_bytes < 0.55 * full.dense_bytes  # norms and biases stay float32
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     torch.manual_seed(3)
     ids = torch.randint(3, 128, (2, 9))

@@ -60,7 +60,8 @@ _HELP = {
     "host_budget": "CUDA: pinned host RAM for routed experts under the VRAM slots (auto = all if they fit, "
                    "a size, a percentage, or 0 = read misses from SSD)",
     "cuda_graphs": "CUDA: run decode steps as captured CUDA graphs (misses read zero-copy from pinned RAM)",
-    "expert_kernel": "the fused expert computation (CUDA: triton or torch; CPU: compiled or eager)",
+    "expert_kernel": "the fused expert computation (CUDA: triton or torch; CPU: native, compiled or eager)",
+    "dense_dtype": "CPU: dtype of large dense weights (auto = the checkpoint's bf16/fp16, computed in float32)",
     "compile_decode": "CUDA graphs: torch.compile the decode step's layers before capture (first call slower)",
 }
 _TYPES = {"int": int, "float": float, "int | None": int}

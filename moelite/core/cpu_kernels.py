@@ -9,13 +9,17 @@ Contract:
     Compute is in x's dtype (float32 on CPU) whatever the slots' storage dtype (bf16, fp16 or fp32): a bf16 slot is
     upcast on the fly, so the result equals a float32 reference whose weights are the checkpoint's, up to summation
     order (the exactness tests hold in the checkpoint's dtype).
-  - Kinds: "compiled" = torch.compile (Inductor, C++ codegen) of gather + upcast + two reductions over the pairs:
+  - Kinds: "native" = moelite's AVX2 kernel (`native.swiglu_pairs`, built at first use): each selected slot read once
+    in its storage dtype, converted in registers, one C call per layer with no Python per expert; the fastest where
+    it runs (measured: benchmarks/results/cpu_path/). "compiled" = torch.compile (Inductor, C++ codegen) of gather + upcast + two reductions over the pairs:
     each selected slot's bytes are read once in their storage dtype, with no Python call per expert; used for
     decode-sized calls (at most `COMPILED_MAX_PAIRS` pairs), where reading the weights is the whole cost.
     "eager" = one `F.linear` pair per expert (the weights upcast to float32 first when stored narrower), for
-    prefill, where each expert serves many tokens and matrix products dominate. `kind="auto"` picks "compiled" when
-    torch.compile works here (a C++ compiler is needed; tried once at construction on a tiny problem, so a broken
-    toolchain falls back before any real work) and "eager" otherwise; `why` says which runs and why
+    prefill, where each expert serves many tokens and matrix products dominate (16-bit slots are converted into a
+    reused float32 buffer, not a fresh tensor: fresh ones cost a page fault per 4 KiB). `kind="auto"` picks "native"
+    where it runs (AVX2, FMA, F16C and a C compiler), else "compiled" when torch.compile works here (a C++ compiler is
+    needed; tried once at construction on a tiny problem, so a broken toolchain falls back before any real work),
+    else "eager"; `why` says which runs and why
     (`moelite info` and `engine.stats()` show it).
   - The compiled function is SwiGLU with SiLU (every supported architecture; another activation runs eager) and
     shape-generic (dynamic shapes): one compilation per process and slot dtype, cached on disk by Inductor across
@@ -25,6 +29,7 @@ Contract:
 from __future__ import annotations
 
 import logging
+import threading
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelite.core import native
+
 log = logging.getLogger("moelite.core.cpu_kernels")
 
-KINDS = ("auto", "compiled", "eager")
+KINDS = ("auto", "native", "compiled", "eager")
 #: largest number of (token, expert) pairs the compiled kernel takes in one call (decode: batch x top-k)
 COMPILED_MAX_PAIRS = 64
 _FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
@@ -101,11 +108,19 @@ class ResidentKernel:
         if kind == "eager":
             return
         if not is_silu(act_fn):
-            if kind == "compiled":
-                raise ValueError(f"expert_kernel: 'compiled' computes SwiGLU experts; this model's activation is "
+            if kind in ("compiled", "native"):
+                raise ValueError(f"expert_kernel: {kind!r} computes SwiGLU experts; this model's activation is "
                                  f"{type(act_fn).__name__}; use 'auto' or 'eager'")
             self.why = f"the experts' activation is {type(act_fn).__name__}, not SiLU: one F.linear pair per expert"
             return
+        if kind in ("auto", "native"):
+            if native.available():
+                self.kind = "native"
+                self.why = (f"moelite's AVX2 kernel ({native.status()}): one call per layer, slots read once in "
+                            f"their dtype (CPU flags: {' '.join(cpu_flags()) or 'unknown'})")
+                return
+            if kind == "native":
+                raise RuntimeError(f"expert_kernel: 'native' asked for, but {native.status()}; use 'auto'")
         try:
             self._compiled = _compiled_pairs()
             self.kind = "compiled"
@@ -124,6 +139,9 @@ class ResidentKernel:
         several tokens, one and several pairs (torch.compile specialises sizes 1 apart). Not every shape is
         covered yet: on a real-shape checkpoint the first generations after load still ran slower (a compile
         on first use, presumably). The slots' contents do not matter (the results are dropped)."""
+        if self.kind == "native":
+            native.load()  # built (or found in the cache) now, not at the first token
+            return
         if self._compiled is None:
             return
         h, last = gate_up.shape[-1], min(1, gate_up.shape[0] - 1)
@@ -147,6 +165,9 @@ class ResidentKernel:
 
     def run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
             w: torch.Tensor) -> torch.Tensor:
+        if self.kind == "native" and slots.numel() <= COMPILED_MAX_PAIRS and gate_up.dtype in native.DTYPES:
+            return native.swiglu_pairs(gate_up, down, x.float().contiguous(), slots, tok, w,
+                                       torch.zeros(x.shape, dtype=torch.float32)).to(x.dtype)
         if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS:
             out = self._call(gate_up, down, x, slots, tok, w)
             if out is not None:
@@ -163,6 +184,21 @@ def expert_forward(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, 
     """One expert on tokens xs [n, H] -> [n, H] in xs's dtype (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H],
     down [H, I] in any storage dtype (upcast to xs's dtype when narrower)."""
     if gate_up.dtype != xs.dtype:
-        gate_up, down = gate_up.to(xs.dtype), down.to(xs.dtype)
+        gate_up, down = _upcast(gate_up, xs.dtype, 0), _upcast(down, xs.dtype, 1)
     g, u = F.linear(xs, gate_up).chunk(2, dim=-1)  # [n, I] each
     return F.linear(act_fn(g) * u, down)  # [n, H]
+
+
+_bufs = threading.local()
+
+
+def _upcast(t: torch.Tensor, dtype: torch.dtype, which: int) -> torch.Tensor:
+    """`t` converted to `dtype` in this thread's reused buffer `which` (valid until the next call with `which`)."""
+    key = (which, dtype)
+    bufs = getattr(_bufs, "d", None)
+    if bufs is None:
+        bufs = _bufs.d = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < t.numel():
+        buf = bufs[key] = torch.empty(t.numel(), dtype=dtype)
+    return buf[: t.numel()].view(t.shape).copy_(t)

@@ -1,7 +1,8 @@
 """Build a transformers model whose routed experts are offloaded.
 
 Contract: `build_model(ckpt, adapter, hf_config, device, dtype, manager_factory)` creates the transformers model on
-the meta device, removes the routed `experts` module of every MoE block, materialises the rest on `device`, loads
+the meta device, removes the routed `experts` module of every MoE block, swaps large dense layers for 16-bit ones
+when `dense16` is given (the CPU with a bf16/fp16 checkpoint, `core/dense.py`), materialises the rest on `device`, loads
 every non-expert tensor from the checkpoint with positional reads (strict: a missing or unexpected tensor is an
 error), wraps each MoE block in an `OffloadedMoEBlock` and hands the blocks to the manager (`ExpertManager.attach`).
 Routed-expert bytes are never read here. Building a model also silences transformers' FutureWarnings
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from moelite.core.arch.base import ArchAdapter
+from moelite.core import dense
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 from moelite.core.expert_store import ExpertLayout, ExpertReader
 from moelite.core.moe_layer import ExpertManager, OffloadedMoEBlock
@@ -74,7 +76,7 @@ def _rebuild_nonpersistent(model: nn.Module, device: torch.device) -> None:
 
 def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: ExpertLayout, reader: ExpertReader,
                 manager: ExpertManager, device: torch.device, dtype: torch.dtype, top_k: int,
-                progress: bool = True) -> nn.Module:
+                progress: bool = True, dense16: torch.dtype | None = None) -> nn.Module:
     quiet_transformers_deprecations()
     model = meta_model(hf_config, dtype)
     blocks = moe_blocks(model, layout)
@@ -82,6 +84,8 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
     for block in blocks.values():
         act_fn = act_fn or block.experts.act_fn
         del block.experts
+    if dense16 is not None:  # large dense weights stay 16-bit on the CPU (core/dense.py), swapped before allocation
+        dense.convert(model, dense16)
     model.to_empty(device=device)
     _rebuild_nonpersistent(model, device)
 

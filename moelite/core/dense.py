@@ -1,0 +1,124 @@
+"""Dense weights in the checkpoint's dtype on the CPU: linear layers and embeddings that store bf16/fp16 and compute
+in float32.
+
+On the CPU moelite computes in float32 (16-bit matrix products are very slow on CPUs without AVX-512-BF16). Kept
+in float32, a bf16 checkpoint's dense weights (attention, shared experts, dense MLPs, lm_head) take twice their
+bytes in memory and twice the reading per token. Here they keep the checkpoint's dtype and are converted on the fly:
+
+  - `Linear16(weight, bias)`: y = x @ w.T + b with w stored 16-bit. Up to `native.MAX_ROWS` rows (decode): the
+    native matrix-vector kernel reads each weight once (`native.gemv`). More rows (prefill): the weight is converted
+    to float32 a block of output features at a time into a reused buffer (a fresh float32 copy would cost page
+    faults for every call) and multiplied there. Either way the result equals a float32 layer over the same weights
+    up to summation order.
+  - `Embedding16(weight)`: rows looked up in the stored dtype, returned in float32.
+  - `convert(model, dtype, min_bytes)`: swaps nn.Linear / nn.Embedding modules whose float32 weight has at least
+    `min_bytes` for the 16-bit ones, on the meta device before weights are loaded (so the float32 copy never exists);
+    tied embeddings stay tied. Small layers keep float32: their cost is per call, not the bytes.
+  - `dense_dtype(config, device, checkpoint_dtype)` -> the dtype large dense weights are stored in: the checkpoint's
+    16-bit dtype on the CPU when the native kernels run here and `dense_dtype` is "auto"; else None (float32, as the
+    model computes). `stored_dtype(shape, ...)` applies the same rule to one tensor (the budget's dense bytes).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelite.core import native
+
+#: float32 size below which a dense weight stays float32 (its cost is per call, not reading it)
+SMALL_DENSE_BYTES = 1 << 20
+#: output features converted per block when many rows are multiplied (float32 buffer of BLOCK x in_features)
+BLOCK = 4096
+
+_buf = threading.local()
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    buf = getattr(_buf, "t", None)
+    if buf is None or buf.numel() < numel:
+        buf = _buf.t = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel]
+
+
+def matmul16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [..., I], w 16-bit [O, I] -> float32 [..., O] (`Linear16.forward`)."""
+    lead, i = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, i)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n, o = x2.shape[0], w.shape[0]
+    if 0 < n <= native.MAX_ROWS and native.available():
+        y = native.gemv(x2, w)
+    else:
+        y = torch.empty(n, o, dtype=torch.float32)
+        for s in range(0, o if n else 0, BLOCK):
+            e = min(o, s + BLOCK)
+            wf = _scratch((e - s) * i).view(e - s, i).copy_(w[s:e])
+            torch.mm(x2, wf.t(), out=y[:, s:e])
+    if bias is not None:
+        y += bias
+    return y.view(*lead, o)
+
+
+class Linear16(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul16(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, stored={self.weight.dtype}"
+
+
+class Embedding16(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx).float()
+
+
+def stored_dtype(shape, dense16: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a dense tensor of `shape` is kept in: `dense16` for matrices of at least SMALL_DENSE_BYTES in float32,
+    else the model's."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    if dense16 is not None and len(shape) == 2 and numel * 4 >= SMALL_DENSE_BYTES:
+        return dense16
+    return model_dtype
+
+
+def dense_dtype(setting: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
+    if setting != "auto" or device.type != "cpu" or checkpoint_dtype not in (torch.bfloat16, torch.float16):
+        return None
+    return checkpoint_dtype if native.available() else None
+
+
+def convert(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap large nn.Linear / nn.Embedding modules of a meta-device model for 16-bit ones; returns how many."""
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and stored_dtype(mod.weight.shape, dtype, torch.float32) == dtype:
+            new = Linear16(mod.in_features, mod.out_features, mod.bias is not None, dtype, device="meta")
+        elif type(mod) is nn.Embedding and stored_dtype(mod.weight.shape, dtype, torch.float32) == dtype:
+            new = Embedding16(mod.num_embeddings, mod.embedding_dim, mod.padding_idx, dtype, device="meta")
+        else:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+        n += 1
+    return n

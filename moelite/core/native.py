@@ -1,0 +1,179 @@
+"""moelite's native CPU kernels (`native/gemv.c`): built at first use, loaded with ctypes, called on torch tensors.
+
+Contract:
+  - `load()` -> the loaded library, or None where it cannot run here; `status()` says which and why (for
+    `moelite info`, `engine.stats()` and the results files). Needs a CPU with AVX2, FMA and F16C and a C compiler
+    (`$CC`, else cc / gcc; torch.compile needs one too). The build takes about a second and is cached under
+    `$MOELITE_CACHE_DIR` (default ~/.cache/moelite) by a hash of the source and flags, so a process after the
+    first loads it at once. `MOELITE_NATIVE=0` turns it off (then the torch kernels run).
+  - `gemv(x, w, out=None, alpha=None)`: x float32 [N, I] (N <= MAX_ROWS, rows contiguous), w [O, I] float32, bf16 or
+    fp16 with unit stride along I -> float32 [N, O] = x @ w.T, each weight read once; with `alpha` [N], adds
+    alpha[n] * (x[n] @ w.T) into `out` instead.
+  - `swiglu_pairs(gate_up_all, down_all, x, slots, tok, wts, out)`: SwiGLU experts over (token, expert) pairs,
+    pairs sorted by slot, each token at most once per slot: out[tok[p]] += wts[p] * expert(slots[p], x[tok[p]]).
+    Slots [S, 2E, H] and [S, H, E], contiguous per slot. One call per MoE layer.
+  Threads: torch.get_num_threads(), split over output features (OpenMP; torch's own runtime, already loaded).
+  The kernels compute in float32 from the weights' storage dtype: the result equals a float32 product over the same
+  weights up to summation order (tests/test_native.py checks both against torch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("moelite.core.native")
+
+SOURCE = Path(__file__).with_name("native") / "gemv.c"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
+NEEDS = ("avx2", "fma", "f16c")
+MAX_ROWS = 8
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_status = "not loaded yet"
+_scratch = threading.local()
+
+
+def _cpu_has() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MOELITE_CACHE_DIR") or Path.home() / ".cache" / "moelite") / "native"
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode() + cc.encode()).hexdigest()[:16]
+    out = cache_dir() / f"gemv-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place: no torn file
+        part = Path(tmp) / out.name
+        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part), "-lm"], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{Path(cc).name} failed: {res.stderr.strip()[:300]}")
+        os.replace(part, out)
+    return out
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    global _status
+    if os.environ.get("MOELITE_NATIVE") == "0":
+        _status = "off (MOELITE_NATIVE=0)"
+        return None
+    missing = [f for f in NEEDS if f not in _cpu_has()]
+    if missing:
+        _status = f"this CPU lacks {', '.join(missing)}"
+        return None
+    cc = _compiler()
+    if cc is None:
+        _status = "no C compiler found (set CC)"
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, RuntimeError) as exc:
+        _status = f"build failed: {exc}"
+        log.warning("native CPU kernels: %s", _status)
+        return None
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.ml_gemv.argtypes = [p, i32, i64, i64, i64, p, i32, p, p, i32]
+    lib.ml_gemv.restype = None
+    lib.ml_swiglu_pairs.argtypes = [p, p, i32, i64, i64, i64, i64, p, p, p, p, i64, p, p, i32]
+    lib.ml_swiglu_pairs.restype = None
+    _status = "AVX2 kernels built with " + Path(cc).name
+    return lib
+
+
+def status() -> str:
+    load()
+    return _status
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def _rows(t: torch.Tensor) -> ctypes.Array:
+    """Pointers to the rows of a 2-D float32 tensor (rows may be strided, each row contiguous)."""
+    base, step = t.data_ptr(), t.stride(0) * t.element_size()
+    return (ctypes.c_void_p * t.shape[0])(*(base + n * step for n in range(t.shape[0])))
+
+
+def _check_weight(w: torch.Tensor, name: str) -> int:
+    if w.dtype not in DTYPES or w.device.type != "cpu":
+        raise TypeError(f"{name}: the native kernels take CPU float32/bfloat16/float16 weights, not {w.dtype} on "
+                        f"{w.device}")
+    return DTYPES[w.dtype]
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+         alpha: torch.Tensor | None = None) -> torch.Tensor:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_status}")
+    dt = _check_weight(w, "gemv")
+    n, i = x.shape
+    o = w.shape[0]
+    if not 1 <= n <= MAX_ROWS or x.dtype != torch.float32 or x.stride(1) != 1 or w.shape[1] != i or w.stride(1) != 1:
+        raise ValueError(f"gemv: x float32 [N<= {MAX_ROWS}, {i}] unit-stride rows and w [O, {i}] unit-stride rows "
+                         f"expected, got x {x.dtype} {list(x.shape)}, w {list(w.shape)}")
+    if out is None:
+        out = torch.empty(n, o, dtype=torch.float32)
+    a = None
+    if alpha is not None:
+        alpha = alpha.to(torch.float32).contiguous()
+        a = alpha.data_ptr()
+    lib.ml_gemv(w.data_ptr(), dt, o, i, w.stride(0), _rows(x), n, _rows(out), a, torch.get_num_threads())
+    return out
+
+
+def swiglu_pairs(gate_up_all: torch.Tensor, down_all: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                 tok: torch.Tensor, wts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_status}")
+    dt = _check_weight(gate_up_all, "swiglu_pairs")
+    if down_all.dtype != gate_up_all.dtype:
+        raise TypeError("swiglu_pairs: gate_up and down slots must share a dtype")
+    s, e2, h = gate_up_all.shape
+    e = e2 // 2
+    if gate_up_all.stride()[1:] != (h, 1) or down_all.stride()[1:] != (e, 1) or tuple(down_all.shape[1:]) != (h, e):
+        raise ValueError("swiglu_pairs: slots must be contiguous [S, 2E, H] and [S, H, E]")
+    if x.dtype != torch.float32 or not x.is_contiguous() or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("swiglu_pairs: x and out must be contiguous float32 [N, H]")
+    slots = slots.to(torch.int64).contiguous()
+    tok = tok.to(torch.int64).contiguous()
+    wts = wts.to(torch.float32).contiguous()
+    scratch = getattr(_scratch, "buf", None)
+    if scratch is None or scratch.numel() < slots.numel() * 3 * e:
+        scratch = _scratch.buf = torch.empty(slots.numel() * 3 * e, dtype=torch.float32)
+    lib.ml_swiglu_pairs(gate_up_all.data_ptr(), down_all.data_ptr(), dt, gate_up_all.stride(0), down_all.stride(0),
+                        h, e, x.data_ptr(), slots.data_ptr(), tok.data_ptr(), wts.data_ptr(), slots.numel(),
+                        out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out

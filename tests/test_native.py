@@ -1,0 +1,96 @@
+"""moelite's native CPU kernels (moelite/core/native.py, native/gemv.c) against torch in float32.
+
+- `gemv` equals x @ w.T for float32, bf16 and fp16 weights, 1 to 8 rows, output and input sizes that are not
+  multiples of the kernel's blocks, strided input rows, and in accumulate mode (out += alpha * x @ w.T).
+- `swiglu_pairs` equals SwiGLU experts computed one pair at a time, with a slot used by more tokens than one group
+  holds (groups split), and leaves untouched the rows of tokens no pair names.
+- Bad arguments are refused with the reason; `MOELITE_NATIVE=0` turns the kernels off (checked in a subprocess).
+- `Linear16` equals a float32 nn.Linear over the same weights at decode and at prefill sizes (both kernels).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moelite.core import dense, native
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels unavailable: {native.status()}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("o,i", [(37, 70), (64, 2048), (5, 8)])
+def test_gemv_equals_torch(dtype, rows, o, i):
+    gen = torch.Generator().manual_seed(rows * 1000 + o + i)
+    w = torch.randn(o, i, generator=gen).to(dtype)
+    wide = torch.randn(rows, i + 5, generator=gen)
+    x = wide[:, 2:i + 2]  # strided rows, each contiguous
+    want = F.linear(x, w.float())
+    torch.testing.assert_close(native.gemv(x, w), want, rtol=1e-5, atol=1e-4)
+    out = torch.randn(rows, o, generator=gen)
+    alpha = torch.rand(rows, generator=gen)
+    expected = out + alpha[:, None] * want
+    native.gemv(x, w, out=out, alpha=alpha)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+
+
+def _pairs_reference(gu, dn, x, slots, tok, w):
+    out = torch.zeros_like(x)
+    for s, t, wt in zip(slots.tolist(), tok.tolist(), w.tolist()):
+        g, u = F.linear(x[t:t + 1], gu[s].float()).chunk(2, -1)
+        out[t] += wt * F.linear(F.silu(g) * u, dn[s].float())[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_pairs_equals_per_pair(dtype):
+    gen = torch.Generator().manual_seed(7)
+    S, H, E, N = 6, 40, 24, 12
+    gu = (torch.randn(S, 2 * E, H, generator=gen) * 0.2).to(dtype)
+    dn = (torch.randn(S, H, E, generator=gen) * 0.2).to(dtype)
+    x = torch.randn(N, H, generator=gen)
+    # slot 2 serves 11 of the 12 tokens (two groups), slots 0 and 5 one token each; token 11 has no pair
+    slots = torch.tensor([0] + [2] * 11 + [5])
+    tok = torch.tensor([3] + list(range(11)) + [7])
+    w = torch.rand(len(slots), generator=gen)
+    out = native.swiglu_pairs(gu, dn, x, slots, tok, w, torch.zeros(N, H))
+    torch.testing.assert_close(out, _pairs_reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
+    assert out[11].abs().max() == 0
+
+
+def test_bad_arguments_are_refused():
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="N<= 8"):
+        native.gemv(torch.randn(9, 8), w)
+    with pytest.raises(ValueError, match="gemv"):
+        native.gemv(torch.randn(1, 8), torch.randn(4, 16))
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        native.gemv(torch.randn(1, 8), w.to(torch.float64))
+
+
+def test_off_switch():
+    code = "from moelite.core import native; print(native.available(), native.status())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "MOELITE_NATIVE": "0"}, check=True)
+    assert res.stdout.strip() == "False off (MOELITE_NATIVE=0)"
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear16_equals_float32_linear(rows, bias, monkeypatch):
+    monkeypatch.setattr(dense, "BLOCK", 16)  # several conversion blocks at prefill sizes
+    gen = torch.Generator().manual_seed(rows)
+    lin = torch.nn.Linear(48, 50, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(lin.weight.to(torch.bfloat16).float())
+    mod = dense.Linear16(48, 50, bias, torch.bfloat16)
+    with torch.no_grad():
+        mod.weight.copy_(lin.weight)
+        if bias:
+            mod.bias.copy_(lin.bias)
+    x = torch.randn(2, rows, 48, generator=gen)
+    torch.testing.assert_close(mod(x), lin(x), rtol=1e-5, atol=1e-5)
