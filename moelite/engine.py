@@ -40,7 +40,7 @@ from transformers import AutoConfig, AutoTokenizer
 from moelite.core.arch import adapter_for
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 from moelite.config import EngineConfig, check_alpha, format_bytes, resolve_budget
-from moelite.core.dense import dense_dtype, stored_dtype
+from moelite.core.dense import dense_bytes, dense_dtype
 from moelite.core.device import parse_device, slot_dtype
 from moelite.core.expert_cache import ExpertCache, make_policy
 from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
@@ -131,8 +131,7 @@ class Engine:
         total = slot_bytes * len(layout.experts)
         experts = layout.expert_tensor_names()
         self.dense16 = dense_dtype(self.config.dense_dtype, self.device, layout.disk_dtype)
-        self.dense_bytes = sum(t.nbytes // t.dtype.itemsize * stored_dtype(t.shape, self.dense16, self.dtype).itemsize
-                               for n, t in ckpt.tensors.items() if n not in experts)
+        self.dense_bytes = dense_bytes(ckpt.tensors, experts, self.dense16, self.dtype)
         self.budget_note = None
         budget_value = self.config.expert_budget
         if budget_value == "auto":

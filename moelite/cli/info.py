@@ -32,7 +32,9 @@ def run(args) -> int:
     from moelite.core.arch import adapter_for
     from moelite.config import EngineConfig
     from moelite.core.checkpoint import Checkpoint
+    from moelite.core import native
     from moelite.core.cpu_kernels import ResidentKernel
+    from moelite.core.dense import dense_bytes, dense_dtype
     from moelite.core.device import slot_dtype
     from moelite.core.expert_store import ExpertLayout
     from moelite.core.memory import auto_budget
@@ -47,16 +49,20 @@ def run(args) -> int:
     names = layout.expert_tensor_names()
     dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
     expert_bytes = layout.total_disk_bytes
-    fp32_scale = 4 / layout.disk_dtype.itemsize  # dense weights run in float32 on the CPU
-    slot = slot_dtype(EngineConfig(), torch.device("cpu"), layout.disk_dtype, layout.numel)  # as the engine picks
+    cpu = torch.device("cpu")
+    dense16 = dense_dtype("auto", cpu, layout.disk_dtype)  # as the engine picks
+    cpu_dense = dense_bytes(ckpt.tensors, names, dense16, torch.float32)
+    slot = slot_dtype(EngineConfig(), cpu, layout.disk_dtype, layout.numel)
     per_expert = layout.disk_bytes * slot.itemsize / layout.disk_dtype.itemsize
-    auto = auto_budget("cpu", int(dense * fp32_scale), cfg, torch.float32, int(per_expert * len(layout.experts)))
+    auto = auto_budget("cpu", cpu_dense, cfg, torch.float32, int(per_expert * len(layout.experts)))
     kernel = ResidentKernel(torch.nn.SiLU(), "auto")
     info = {
         "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
         "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
         "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
-        "dense_bytes": dense, "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
+        "dense_bytes": dense, "cpu_dense_bytes": cpu_dense,
+        "cpu_dense_dtype": str(dense16 or torch.float32).removeprefix("torch."), "native_kernels": native.status(),
+        "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
         "cpu_slot_dtype": str(slot).removeprefix("torch."), "min_budget_bytes_cpu": int(top_k * per_expert),
         "available_ram_bytes": auto.available, "available_ram_source": auto.source,
         "max_budget_fitting_ram_cpu": auto.bytes, "cpu_expert_kernel": kernel.kind, "cpu_expert_kernel_why": kernel.why,
@@ -72,12 +78,14 @@ def run(args) -> int:
         return 0
     print(f"{info['model']}: {ckpt.model_type}, {info['layers']} layers ({info['moe_layers']} MoE), "
           f"{n_exp} routed experts/layer, top-{top_k}, hidden {layout.hidden}, expert intermediate {layout.intermediate}")
-    print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk)")
+    print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk); on the CPU "
+          f"{format_bytes(cpu_dense)} (large layers as {info['cpu_dense_dtype']}, small ones float32)")
     print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
     how = f" as {info['cpu_slot_dtype']}"
     print(f"  minimum budget     {format_bytes(info['min_budget_bytes_cpu'])} (top-{top_k} experts{how} on CPU)")
     print(f"  this machine (CPU) {auto.note}" + _share(auto, per_expert * len(layout.experts), how))
     print(f"  expert kernel      {kernel.kind}: {kernel.why}")
+    print(f"  native kernels     {info['native_kernels']}")
     if gpu is not None:
         print(f"  this machine (GPU) {gpu.note}" + _share(gpu, expert_bytes, ""))
     return 0

@@ -200,5 +200,6 @@ def _upcast(t: torch.Tensor, dtype: torch.dtype, which: int) -> torch.Tensor:
         bufs = _bufs.d = {}
     buf = bufs.get(key)
     if buf is None or buf.numel() < t.numel():
-        buf = bufs[key] = torch.empty(t.numel(), dtype=dtype)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = bufs[key] = torch.empty(t.numel(), dtype=dtype)
     return buf[: t.numel()].view(t.shape).copy_(t)

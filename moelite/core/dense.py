@@ -16,7 +16,8 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
     tied embeddings stay tied. Small layers keep float32: their cost is per call, not the bytes.
   - `dense_dtype(config, device, checkpoint_dtype)` -> the dtype large dense weights are stored in: the checkpoint's
     16-bit dtype on the CPU when the native kernels run here and `dense_dtype` is "auto"; else None (float32, as the
-    model computes). `stored_dtype(shape, ...)` applies the same rule to one tensor (the budget's dense bytes).
+    model computes). `stored_dtype(shape, ...)` applies the same rule to one tensor, `dense_bytes(...)` to a checkpoint's dense
+    tensors (the budget's dense bytes; `moelite info`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ _buf = threading.local()
 def _scratch(numel: int) -> torch.Tensor:
     buf = getattr(_buf, "t", None)
     if buf is None or buf.numel() < numel:
-        buf = _buf.t = torch.empty(numel, dtype=torch.float32)
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = _buf.t = torch.empty(numel, dtype=torch.float32)
     return buf[:numel]
 
 
@@ -100,6 +102,12 @@ def stored_dtype(shape, dense16: torch.dtype | None, model_dtype: torch.dtype) -
     if dense16 is not None and len(shape) == 2 and numel * 4 >= SMALL_DENSE_BYTES:
         return dense16
     return model_dtype
+
+
+def dense_bytes(tensors: dict, expert_names, dense16: torch.dtype | None, model_dtype: torch.dtype) -> int:
+    """Bytes the non-expert tensors of a checkpoint (name -> info with .shape, .dtype, .nbytes) take once loaded."""
+    return sum(t.nbytes // t.dtype.itemsize * stored_dtype(t.shape, dense16, model_dtype).itemsize
+               for n, t in tensors.items() if n not in expert_names)
 
 
 def dense_dtype(setting: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype | None:
