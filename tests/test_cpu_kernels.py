@@ -4,10 +4,12 @@
   bf16 slots, for decode-sized and prefill-sized calls.
 - A bf16 checkpoint gets bf16 slots by default; moelite then matches transformers run in float32 on the same
   (bf16-valued) weights, logits and greedy tokens, at every budget.
-- With the dense weights kept 16-bit too (core/dense.py, forced onto the tiny model's small layers), the same holds,
-  and the dense bytes the budget counts are halved.
+- With the dense weights kept 16-bit too (core/dense.py, forced onto the tiny model's small layers), the same holds
+  (shared experts then run as one fused call), and the dense bytes the budget counts are halved.
 - A CUDA kernel name on the CPU is refused at load, naming the choices.
 """
+
+import functools
 
 import pytest
 import torch
@@ -78,7 +80,8 @@ def test_bf16_slots_match_transformers(tiny, arch, budget, dense16, monkeypatch)
     kinds = {type(m).__name__ for m in eng.model.modules()}
     assert ("Linear16" in kinds and "Embedding16" in kinds) == dense16
     assert eng.stats()["dense_dtype"] == ("bfloat16" if dense16 else "float32")
-    if dense16:
+    fused = sum(isinstance(m.__dict__.get("forward"), functools.partial) for m in eng.model.modules())
+    assert fused == (len(eng.layout.layers) if dense16 and arch == "qwen2_moe" else 0)  # shared experts: one call    if dense16:
         full = moelite.load(path, expert_budget=budget, expert_dtype="bfloat16", dense_dtype="float32")
         assert full.stats()["dense_dtype"] == "float32"
         assert eng.dense_bytes < 0.55 * full.dense_bytes  # norms and biases stay float32

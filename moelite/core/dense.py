@@ -11,6 +11,9 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
     faults for every call) and multiplied there. Either way the result equals a float32 layer over the same weights
     up to summation order.
   - `Embedding16(weight)`: rows looked up in the stored dtype, returned in float32.
+  - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16 (shared experts, dense
+    MLP layers) gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
+    call (`native.swiglu_pairs` over a single slot) instead of three products and two elementwise ops.
   - `convert(model, dtype, min_bytes)`: swaps nn.Linear / nn.Embedding modules whose float32 weight has at least
     `min_bytes` for the 16-bit ones, on the meta device before weights are loaded (so the float32 copy never exists);
     tied embeddings stay tied. Small layers keep float32: their cost is per call, not the bytes.
@@ -23,12 +26,14 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
 from __future__ import annotations
 
 import threading
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelite.core import native
+from moelite.core.cpu_kernels import is_silu
 
 #: float32 size below which a dense weight stays float32 (its cost is per call, not reading it)
 SMALL_DENSE_BYTES = 1 << 20
@@ -128,5 +133,40 @@ def convert(model: nn.Module, dtype: torch.dtype) -> int:
             continue
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], new)
+        n += 1
+    return n
+
+
+def _fused_swiglu_forward(mod: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU MLP: x [..., H] -> [..., H]; gate_up [1, 2I, H] and down [1, H, I] are the module's weights."""
+    lead, h = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, h)
+    n = x2.shape[0]
+    if not 0 < n <= native.MAX_ROWS:
+        return mod.down_proj(mod.act_fn(mod.gate_proj(x)) * mod.up_proj(x))
+    x2 = x2.contiguous()
+    out = torch.zeros_like(x2)
+    native.swiglu_pairs(gate_up, down, x2, torch.zeros(n, dtype=torch.long), torch.arange(n), torch.ones(n), out)
+    return out.view(*lead, h)
+
+
+def fuse_swiglu(model: nn.Module) -> int:
+    """Give every SwiGLU MLP of Linear16 projections a one-call forward (see the contract); returns how many."""
+    if not native.available():
+        return 0
+    n = 0
+    for mod in model.modules():
+        g, u, d = (getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj"))
+        if not all(isinstance(p, Linear16) and p.bias is None for p in (g, u, d)):
+            continue
+        if g.weight.shape != u.weight.shape or len({g.weight.dtype, u.weight.dtype, d.weight.dtype}) != 1 \
+                or d.weight.shape != (g.in_features, g.out_features) or not is_silu(getattr(mod, "act_fn", None)):
+            continue
+        i, h = g.weight.shape
+        with torch.no_grad():
+            gate_up = torch.cat([g.weight, u.weight])  # [2I, H]: gate rows, then up rows
+        g.weight = nn.Parameter(gate_up[:i], requires_grad=False)
+        u.weight = nn.Parameter(gate_up[i:], requires_grad=False)
+        mod.forward = partial(_fused_swiglu_forward, mod, gate_up.view(1, 2 * i, h), d.weight.view(1, h, i))
         n += 1
     return n

@@ -122,6 +122,8 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if dense16 is not None:
+        dense.fuse_swiglu(model)
 
     wrapped = {i: OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k) for i in sorted(blocks)}
     for i, block in wrapped.items():
