@@ -81,7 +81,8 @@ def test_bf16_slots_match_transformers(tiny, arch, budget, dense16, monkeypatch)
     assert ("Linear16" in kinds and "Embedding16" in kinds) == dense16
     assert eng.stats()["dense_dtype"] == ("bfloat16" if dense16 else "float32")
     fused = sum(isinstance(m.__dict__.get("forward"), functools.partial) for m in eng.model.modules())
-    assert fused == (len(eng.layout.layers) if dense16 and arch == "qwen2_moe" else 0)  # shared experts: one call    if dense16:
+    assert fused == (len(eng.layout.layers) if dense16 and arch == "qwen2_moe" else 0)  # shared experts: one call
+    if dense16:
         full = moelite.load(path, expert_budget=budget, expert_dtype="bfloat16", dense_dtype="float32")
         assert full.stats()["dense_dtype"] == "float32"
         assert eng.dense_bytes < 0.55 * full.dense_bytes  # norms and biases stay float32
