@@ -62,7 +62,7 @@ def test_auto_kernel_says_which_runs_and_why():
     assert (k.kind == "native") == native.available()  # the native kernel wherever it runs
     if k.kind in ("native", "compiled"):
         assert "CPU flags" in k.why
-    assert all(f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") for f in cpu_flags())
+    assert all(f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") for f in cpu_flags())
     assert ResidentKernel(nn.GELU(), "auto").kind == "eager"  # not SwiGLU with SiLU: never compiled
     with pytest.raises(ValueError, match="expert_kernel"):
         ResidentKernel(nn.SiLU(), "triton")

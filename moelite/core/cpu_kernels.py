@@ -1,7 +1,7 @@
 """CPU expert kernels: a MoE layer's resident experts in one call, chosen for the CPU this runs on.
 
 Contract:
-  - `cpu_flags()` -> the instruction-set flags of this CPU that matter here (avx2, fma, avx512f, avx512_bf16,
+  - `cpu_flags()` -> the instruction-set flags of this CPU that matter here (avx2, fma, f16c, avx512f, avx512_bf16,
     amx_bf16), read from /proc/cpuinfo; recorded with every figure.
   - `ResidentKernel(act_fn, kind)` computes, for (token, expert) pairs p over resident slots,
         out[tok[p]] += w[p] * down[slot[p]] @ act(gate[slot[p]] @ x[tok[p]]) * (up[slot[p]] @ x[tok[p]])
@@ -44,7 +44,7 @@ log = logging.getLogger("moelite.core.cpu_kernels")
 KINDS = ("auto", "native", "compiled", "eager")
 #: largest number of (token, expert) pairs the compiled kernel takes in one call (decode: batch x top-k)
 COMPILED_MAX_PAIRS = 64
-_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
 @lru_cache(maxsize=1)
