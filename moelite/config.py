@@ -179,6 +179,9 @@ class EngineConfig:
             raise ValueError(f"dense_dtype: {self.dense_dtype!r} is not one of {', '.join(DENSE_DTYPES)}")
         if self.expert_kernel not in EXPERT_KERNELS:
             raise ValueError(f"expert_kernel: {self.expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
+        if str(self.device).startswith("cuda") and self.expert_kernel in ("native", "compiled", "eager"):
+            raise ValueError(f"expert_kernel: {self.expert_kernel!r} is a CPU kernel; on CUDA use auto, triton or "
+                             "torch")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ValueError(f"num_threads: {self.num_threads!r} must be an int >= 1 or None")
         return self

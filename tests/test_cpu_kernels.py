@@ -112,6 +112,15 @@ def test_auto_slot_dtype_is_the_checkpoints_except_small_cpu_experts():
     assert slot_dtype(EngineConfig(expert_dtype="float32"), cpu, torch.bfloat16, big) == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["native", "compiled", "eager"])
+def test_cpu_kernel_name_refused_on_cuda(kind):
+    from moelite.config import EngineConfig
+
+    with pytest.raises(ValueError, match=f"expert_kernel: '{kind}' is a CPU kernel; on CUDA use auto, triton or torch"):
+        EngineConfig(device="cuda", expert_kernel=kind).validate()
+    EngineConfig(device="cpu", expert_kernel=kind).validate()
+
+
 def test_cuda_kernel_name_refused_on_cpu(tiny):
     with pytest.raises(ValueError, match="expert_kernel: 'triton' is a CUDA kernel"):
         moelite.load(tiny("qwen2_moe"), expert_kernel="triton")
