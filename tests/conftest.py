@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moelite.tiny import ARCHS, make_tiny_checkpoint
 
@@ -40,3 +41,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def swiglu_pairs_reference(gu, dn, x, slots, tok, w):
+    """SwiGLU experts one (token, expert) pair at a time with F.linear in float32: the reference the CPU kernels
+    (tests/test_cpu_kernels.py, tests/test_native.py) are checked against. gu [S, 2I, H], dn [S, H, I], x [N, H]."""
+    out = torch.zeros_like(x)
+    for s, t, wt in zip(slots.tolist(), tok.tolist(), w.tolist()):
+        g, u = F.linear(x[t:t + 1], gu[s].float()).chunk(2, -1)
+        out[t] += wt * F.linear(F.silu(g) * u, dn[s].float())[0]
+    return out

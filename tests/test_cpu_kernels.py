@@ -13,23 +13,15 @@ import functools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 import moelite
+from conftest import swiglu_pairs_reference
 from moelite.core import dense, native
 from moelite.core.cpu_kernels import COMPILED_MAX_PAIRS, ResidentKernel, cpu_flags
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native CPU kernels unavailable here")
-
-
-def _reference(gu, dn, x, slots, tok, w):
-    out = torch.zeros_like(x)
-    for s, t, wt in zip(slots.tolist(), tok.tolist(), w.tolist()):
-        g, u = F.linear(x[t:t + 1], gu[s].float()).chunk(2, -1)
-        out[t] += wt * F.linear(F.silu(g) * u, dn[s].float())[0]
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -51,7 +43,7 @@ def test_resident_kernel_equals_per_expert_float32(dtype, kind, tokens, pairs):
     slots, tok, w = slots[keep], tok[keep], w[keep]  # a token picks an expert once
     got = k.run(gu, dn, x, slots, tok, w)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, _reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, swiglu_pairs_reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
     if kind == "eager":
         assert k.kind == "eager"
 

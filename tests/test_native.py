@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import swiglu_pairs_reference
 from moelite.core import dense, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels unavailable: {native.status()}")
@@ -38,14 +39,6 @@ def test_gemv_equals_torch(dtype, rows, o, i):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
 
 
-def _pairs_reference(gu, dn, x, slots, tok, w):
-    out = torch.zeros_like(x)
-    for s, t, wt in zip(slots.tolist(), tok.tolist(), w.tolist()):
-        g, u = F.linear(x[t:t + 1], gu[s].float()).chunk(2, -1)
-        out[t] += wt * F.linear(F.silu(g) * u, dn[s].float())[0]
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_swiglu_pairs_equals_per_pair(dtype):
     gen = torch.Generator().manual_seed(7)
@@ -58,7 +51,7 @@ def test_swiglu_pairs_equals_per_pair(dtype):
     tok = torch.tensor([3] + list(range(11)) + [7])
     w = torch.rand(len(slots), generator=gen)
     out = native.swiglu_pairs(gu, dn, x, slots, tok, w, torch.zeros(N, H))
-    torch.testing.assert_close(out, _pairs_reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, swiglu_pairs_reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
     assert out[11].abs().max() == 0
 
 

@@ -1,8 +1,8 @@
 """CPU expert kernels: a MoE layer's resident experts in one call, chosen for the CPU this runs on.
 
 Contract:
-  - `cpu_flags()` -> the instruction-set flags of this CPU that matter here (avx2, fma, f16c, avx512f, avx512_bf16,
-    amx_bf16), read from /proc/cpuinfo; recorded with every figure.
+  - `cpu_flags()` (from `native`) -> the instruction-set flags of this CPU that matter here; recorded with every
+    figure.
   - `ResidentKernel(act_fn, kind)` computes, for (token, expert) pairs p over resident slots,
         out[tok[p]] += w[p] * down[slot[p]] @ act(gate[slot[p]] @ x[tok[p]]) * (up[slot[p]] @ x[tok[p]])
     in one call: `run(gate_up_all [S, 2I, H], down_all [S, H, I], x [N, H], slots [P], tok [P], w [P]) -> [N, H]`.
@@ -11,7 +11,8 @@ Contract:
     order (the exactness tests hold in the checkpoint's dtype).
   - Kinds: "native" = moelite's AVX2 kernel (`native.swiglu_pairs`, built at first use): each selected slot read once
     in its storage dtype, converted in registers, one C call per layer with no Python per expert; the fastest where
-    it runs (measured: benchmarks/results/cpu_path/). "compiled" = torch.compile (Inductor, C++ codegen) of gather + upcast + two reductions over the pairs:
+    it runs (measured: benchmarks/results/cpu_native/). "compiled" = torch.compile (Inductor, C++ codegen) of gather
+    + upcast + two reductions over the pairs:
     each selected slot's bytes are read once in their storage dtype, with no Python call per expert; used for
     decode-sized calls (at most `COMPILED_MAX_PAIRS` pairs), where reading the weights is the whole cost.
     "eager" = one `F.linear` pair per expert (the weights upcast to float32 first when stored narrower), for
@@ -29,36 +30,20 @@ Contract:
 from __future__ import annotations
 
 import logging
-import threading
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moelite.core import native
+from moelite.core.native import cpu_flags  # noqa: F401 - re-exported: the figures' CPU flags
 
 log = logging.getLogger("moelite.core.cpu_kernels")
 
 KINDS = ("auto", "native", "compiled", "eager")
 #: largest number of (token, expert) pairs the compiled kernel takes in one call (decode: batch x top-k)
 COMPILED_MAX_PAIRS = 64
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-
-
-@lru_cache(maxsize=1)
-def cpu_flags() -> tuple[str, ...]:
-    """The flags of `_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return tuple(f for f in _FLAGS if f in have)
-    return ()
 
 
 def _pairs(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
@@ -189,17 +174,7 @@ def expert_forward(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, 
     return F.linear(act_fn(g) * u, down)  # [n, H]
 
 
-_bufs = threading.local()
-
 
 def _upcast(t: torch.Tensor, dtype: torch.dtype, which: int) -> torch.Tensor:
     """`t` converted to `dtype` in this thread's reused buffer `which` (valid until the next call with `which`)."""
-    key = (which, dtype)
-    bufs = getattr(_bufs, "d", None)
-    if bufs is None:
-        bufs = _bufs.d = {}
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < t.numel():
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            buf = bufs[key] = torch.empty(t.numel(), dtype=dtype)
-    return buf[: t.numel()].view(t.shape).copy_(t)
+    return native.scratch(("upcast", which), t.numel(), dtype).view(t.shape).copy_(t)

@@ -25,7 +25,6 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
 
 from __future__ import annotations
 
-import threading
 from functools import partial
 
 import torch
@@ -40,17 +39,6 @@ SMALL_DENSE_BYTES = 1 << 20
 #: output features converted per block when many rows are multiplied (float32 buffer of BLOCK x in_features)
 BLOCK = 4096
 
-_buf = threading.local()
-
-
-def _scratch(numel: int) -> torch.Tensor:
-    buf = getattr(_buf, "t", None)
-    if buf is None or buf.numel() < numel:
-        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
-            buf = _buf.t = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel]
-
-
 def matmul16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., I], w 16-bit [O, I] -> float32 [..., O] (`Linear16.forward`)."""
     lead, i = x.shape[:-1], x.shape[-1]
@@ -64,7 +52,7 @@ def matmul16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None)
         y = torch.empty(n, o, dtype=torch.float32)
         for s in range(0, o if n else 0, BLOCK):
             e = min(o, s + BLOCK)
-            wf = _scratch((e - s) * i).view(e - s, i).copy_(w[s:e])
+            wf = native.scratch("matmul16", (e - s) * i).view(e - s, i).copy_(w[s:e])
             torch.mm(x2, wf.t(), out=y[:, s:e])
     if bias is not None:
         y += bias

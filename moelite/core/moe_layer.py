@@ -144,7 +144,8 @@ class ExpertManager:
         if self.pool.device.type == "cpu":  # all resident experts of a layer in one call (cpu_kernels.py)
             kind = self.options.expert_kernel
             if kind in ("triton", "torch"):
-                raise ValueError(f"expert_kernel: {kind!r} is a CUDA kernel; on the CPU use auto, native, compiled or eager")
+                raise ValueError(f"expert_kernel: {kind!r} is a CUDA kernel; on the CPU use auto, native, compiled "
+                                 "or eager")
             self.kernel = ResidentKernel(act_fn, kind)
             self.kernel.warm(self.pool.gate_up_all, self.pool.down_all)
         self.blocks = dict(sorted(blocks.items()))

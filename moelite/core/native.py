@@ -12,6 +12,11 @@ Contract:
   - `swiglu_pairs(gate_up_all, down_all, x, slots, tok, wts, out)`: SwiGLU experts over (token, expert) pairs,
     pairs sorted by slot, each token at most once per slot: out[tok[p]] += wts[p] * expert(slots[p], x[tok[p]]).
     Slots [S, 2E, H] and [S, H, E], contiguous per slot. One call per MoE layer.
+  - `cpu_flags()` -> the instruction-set flags of this CPU that matter to moelite's kernels (avx2, fma, f16c,
+    avx512f, avx512_bf16, amx_bf16, amx_tile), read once from /proc/cpuinfo; recorded with every figure.
+  - `scratch(key, numel, dtype)` -> this thread's reused 1-D buffer `key` of at least `numel` elements (a fresh
+    large tensor costs a page fault per 4 KiB on every call); created outside inference mode, so it can be written
+    in and out of it. Valid until the thread's next call with the same key.
   Threads: torch.get_num_threads(), split over output features (OpenMP; torch's own runtime, already loaded).
   The kernels compute in float32 from the weights' storage dtype: the result equals a float32 product over the same
   weights up to summation order (tests/test_native.py checks both against torch).
@@ -37,6 +42,7 @@ log = logging.getLogger("moelite.core.native")
 SOURCE = Path(__file__).with_name("native") / "gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma", "f16c")
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 MAX_ROWS = 8
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -44,14 +50,29 @@ _status = "not loaded yet"
 _scratch = threading.local()
 
 
-def _cpu_has() -> set[str]:
+@lru_cache(maxsize=1)
+def cpu_flags() -> tuple[str, ...]:
+    """The flags of `_FLAGS` this CPU has (empty where /proc/cpuinfo cannot be read)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return set()
+        return ()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return tuple(f for f in _FLAGS if f in have)
+    return ()
+
+
+def scratch(key, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get((key, dtype))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
+            buf = bufs[(key, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 def _compiler() -> str | None:
@@ -87,7 +108,7 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("MOELITE_NATIVE") == "0":
         _status = "off (MOELITE_NATIVE=0)"
         return None
-    missing = [f for f in NEEDS if f not in _cpu_has()]
+    missing = [f for f in NEEDS if f not in cpu_flags()]
     if missing:
         _status = f"this CPU lacks {', '.join(missing)}"
         return None
@@ -119,6 +140,13 @@ def available() -> bool:
     return load() is not None
 
 
+def _lib() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"native CPU kernels unavailable: {_status}")
+    return lib
+
+
 def _rows(t: torch.Tensor) -> ctypes.Array:
     """Pointers to the rows of a 2-D float32 tensor (rows may be strided, each row contiguous)."""
     base, step = t.data_ptr(), t.stride(0) * t.element_size()
@@ -134,9 +162,7 @@ def _check_weight(w: torch.Tensor, name: str) -> int:
 
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
          alpha: torch.Tensor | None = None) -> torch.Tensor:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {_status}")
+    lib = _lib()
     dt = _check_weight(w, "gemv")
     n, i = x.shape
     o = w.shape[0]
@@ -155,9 +181,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
 
 def swiglu_pairs(gate_up_all: torch.Tensor, down_all: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
                  tok: torch.Tensor, wts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"native CPU kernels unavailable: {_status}")
+    lib = _lib()
     dt = _check_weight(gate_up_all, "swiglu_pairs")
     if down_all.dtype != gate_up_all.dtype:
         raise TypeError("swiglu_pairs: gate_up and down slots must share a dtype")
@@ -170,10 +194,8 @@ def swiglu_pairs(gate_up_all: torch.Tensor, down_all: torch.Tensor, x: torch.Ten
     slots = slots.to(torch.int64).contiguous()
     tok = tok.to(torch.int64).contiguous()
     wts = wts.to(torch.float32).contiguous()
-    scratch = getattr(_scratch, "buf", None)
-    if scratch is None or scratch.numel() < slots.numel() * 3 * e:
-        scratch = _scratch.buf = torch.empty(slots.numel() * 3 * e, dtype=torch.float32)
+    work = scratch("swiglu_pairs", slots.numel() * 3 * e)
     lib.ml_swiglu_pairs(gate_up_all.data_ptr(), down_all.data_ptr(), dt, gate_up_all.stride(0), down_all.stride(0),
                         h, e, x.data_ptr(), slots.data_ptr(), tok.data_ptr(), wts.data_ptr(), slots.numel(),
-                        out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                        out.data_ptr(), work.data_ptr(), torch.get_num_threads())
     return out
