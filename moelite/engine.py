@@ -44,6 +44,7 @@ from moelite.core.dense import dense_bytes, dense_dtype
 from moelite.core.device import parse_device, slot_dtype
 from moelite.core.expert_cache import ExpertCache, make_policy
 from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
+from moelite.core.quant import LinearQ, QuantSpec, quant_label
 from moelite.core.graph_decode import StaticDecoder, bucket
 from moelite.core.host_tier import HostTier
 from moelite.core.memory import auto_budget, available_memory, resident_note
@@ -118,7 +119,10 @@ class Engine:
         if not 1 <= self.top_k <= self.num_experts:
             raise CheckpointError(f"config.json: num_experts_per_tok = {self.top_k} must be between 1 and the "
                                   f"number of routed experts ({self.num_experts}); fix the checkpoint's config")
-        self.layout = ExpertLayout.build(ckpt, adapter, self.num_experts)
+        self.layout = ExpertLayout.build(ckpt, adapter, self.num_experts, QuantSpec.from_config(self.hf_config))
+        if self.layout.quant is not None and self.device.type != "cpu":
+            raise ValueError(f"device: {self.config.device!r}, but this checkpoint's experts are quantized "
+                             f"(int{self.layout.quant.bits}); quantized experts run on the CPU: use device='cpu'")
 
     def _size_budget(self) -> tuple[torch.dtype, int, int]:
         """Dtypes, dense bytes and the expert budget in slots, refused with the numbers when it is below one
@@ -130,7 +134,7 @@ class Engine:
         slot_bytes = layout.numel * sdtype.itemsize
         total = slot_bytes * len(layout.experts)
         experts = layout.expert_tensor_names()
-        self.dense16 = dense_dtype(self.config.dense_dtype, self.device, layout.disk_dtype)
+        self.dense16 = dense_dtype(self.config.dense_dtype, self.device, layout.float_dtype)
         self.dense_bytes = dense_bytes(ckpt.tensors, experts, self.dense16, self.dtype)
         self.budget_note = None
         budget_value = self.config.expert_budget
@@ -506,6 +510,8 @@ class Engine:
             "resident_expert_bytes": c.resident_bytes,
             "resident_expert_bytes_peak": c.resident_peak,
             "expert_slot_dtype": str(self.pool.dtype).removeprefix("torch."),
+            "expert_quant": quant_label(self.layout.quant),
+            "dense_quantized_layers": sum(isinstance(m, LinearQ) for m in self.model.modules()),
             "expert_kernel": self.manager.kernel.kind if self.manager.kernel else self.config.expert_kernel,
             # the storage dtype of the largest dense weight (small layers stay float32 on the CPU, core/dense.py)
             "dense_dtype": str(max(self.model.parameters(), key=torch.Tensor.numel).dtype).removeprefix("torch."),

@@ -5,6 +5,7 @@
   moelite eval       perplexity, agreement, alpha sweep      moelite tune       alpha for a decode-latency target
   moelite calibrate  per-layer substitution profile          moelite trace      record a routing trace
   moelite realshape  real-shape random checkpoint            moelite predict    eMoE predictors and sensitivity
+  moelite quantize   int8/int4 experts (and dense layers)
 
 Contract:
   - Each command is a module of this package with NAME, HELP, `add_arguments(parser)` and `run(args) -> int`;
@@ -26,10 +27,10 @@ import argparse
 import sys
 
 from moelite import __version__
-from moelite.cli import bench, calibrate, eval as eval_command, generate, info, predict, realshape, serve, trace, tune
+from moelite.cli import bench, calibrate, eval as eval_command, generate, info, predict, quantize, realshape, serve, trace, tune
 from moelite.cli.flags import HelpFormatter, Parser
 
-COMMANDS = (generate, info, serve, bench, eval_command, tune, calibrate, trace, realshape, predict)
+COMMANDS = (generate, info, serve, bench, eval_command, tune, calibrate, trace, realshape, predict, quantize)
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 
 Contract: `add_arguments(p)` declares the flags; `run(args) -> int` checks them (alphas, files, data folder, engine
 flags) before any model loads, then scores each text file (`--score-tokens` scored tokens each, teacher-forced
-through the decode path) at each alpha against the exact model (100% budget, alpha 0), measures decode speed
+through the decode path) at each alpha against the exact model (100% budget, alpha 0; `--reference DIR`: another
+checkpoint, e.g. the unquantized model a quantized one came from), measures decode speed
 (`--speed-prompts` prompts of `--max-tokens` generated tokens; with several alphas, all engines interleaved) and
 prints one JSON line last. `--alpha-sweep` also writes a markdown table, a JSON file and a PNG under `--out`.
 Data: texts come from `--text`, else WikiText-2 test in the data folder (`--data-dir` / $MOELITE_DATA_DIR).
@@ -44,6 +45,9 @@ def add_arguments(p) -> None:
     p.add_argument("--speed-rounds", type=positive_int, default=12,
                    help="with --alpha-sweep: prompts per alpha in the interleaved speed measurement")
     p.add_argument("--no-reference", action="store_true", help="skip the exact-model comparison")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="compare against this model instead of --model at 100%% budget (e.g. the unquantized model "
+                        "`moelite quantize` read; same tokenizer); default: --model itself")
     p.add_argument("--out", default="benchmarks/results/smoe", metavar="DIR",
                    help="folder for the sweep's table, JSON and PNG")
     add_json_flag(p)
@@ -90,6 +94,10 @@ def run(args) -> int:
     if args.stride > args.window:
         raise ValueError(f"--stride: {args.stride} must be at most --window ({args.window})")
     texts, hellaswag_path = _texts(args), _hellaswag_path(args)
+    if args.reference is not None and not (Path(args.reference) / "config.json").is_file():
+        raise ValueError(f"--reference: {args.reference} has no config.json (give a model folder)")
+    if args.reference is not None and args.no_reference:
+        raise ValueError("--reference: cannot be combined with --no-reference")
     config = engine_config(args, substitution_alpha=alphas[0])
     from tqdm.auto import tqdm
 
@@ -104,7 +112,17 @@ def run(args) -> int:
 
     first = load()
     ids_by_file = {text_name(p): read_text_ids(first, p, args.score_tokens, args.window) for p in texts}
-    reference = None if args.no_reference else Reference(load(expert_budget="100%", substitution_alpha=0.0))
+    if args.no_reference:
+        reference = None
+    elif args.reference is not None:  # another checkpoint (the unquantized model): at 100% budget, exact
+        ref_engine = Engine(args.reference, config.replace(expert_budget="100%", substitution_alpha=0.0),
+                            progress=not quiet)
+        if ref_engine.hf_config.vocab_size != first.hf_config.vocab_size:
+            raise ValueError(f"--reference: vocabulary of {ref_engine.hf_config.vocab_size} tokens, --model has "
+                             f"{first.hf_config.vocab_size}; give the model this one was made from")
+        reference = Reference(ref_engine)
+    else:
+        reference = Reference(load(expert_budget="100%", substitution_alpha=0.0))
     speeds: dict = {}
     if len(alphas) > 1 and args.speed_prompts > 0 and ids_by_file:
         # the speed of all alphas measured interleaved (engines alive together), before any quality pass
@@ -141,7 +159,8 @@ def run(args) -> int:
     profile = config.substitution_profile
     result = {"model": name, "expert_budget": args.expert_budget, "cache_policy": args.cache_policy,
               "substitution_mode": args.substitution_mode, "substitution_profile": profile and list(profile),
-              "window": args.window, "stride": args.stride, "score_tokens": args.score_tokens, "rows": rows}
+              "window": args.window, "stride": args.stride, "score_tokens": args.score_tokens, "rows": rows,
+              "reference": None if args.no_reference else Path(args.reference or args.model or name).name}
     if args.alpha_sweep:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

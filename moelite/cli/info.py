@@ -38,6 +38,7 @@ def run(args) -> int:
     from moelite.core.device import slot_dtype
     from moelite.core.expert_store import ExpertLayout
     from moelite.core.memory import auto_budget
+    from moelite.core.quant import QuantSpec, quant_label, quantized_linears
     from moelite.demo import demo_model_path
 
     path = Path(args.model) if args.model else demo_model_path()
@@ -45,12 +46,12 @@ def run(args) -> int:
     adapter = adapter_for(ckpt.model_type)
     cfg = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     n_exp, top_k = adapter.num_experts(cfg), adapter.top_k(cfg)
-    layout = ExpertLayout.build(ckpt, adapter, n_exp)
+    layout = ExpertLayout.build(ckpt, adapter, n_exp, QuantSpec.from_config(cfg))
     names = layout.expert_tensor_names()
     dense = sum(t.nbytes for n, t in ckpt.tensors.items() if n not in names)
     expert_bytes = layout.total_disk_bytes
     cpu = torch.device("cpu")
-    dense16 = dense_dtype("auto", cpu, layout.disk_dtype)  # as the engine picks
+    dense16 = dense_dtype("auto", cpu, layout.float_dtype)  # as the engine picks
     cpu_dense = dense_bytes(ckpt.tensors, names, dense16, torch.float32)
     slot = slot_dtype(EngineConfig(), cpu, layout.disk_dtype, layout.numel)
     per_expert = layout.disk_bytes * slot.itemsize / layout.disk_dtype.itemsize
@@ -59,7 +60,9 @@ def run(args) -> int:
     info = {
         "model": path.name, "model_type": ckpt.model_type, "layers": int(cfg.num_hidden_layers),
         "moe_layers": len(layout.layers), "routed_experts_per_layer": n_exp, "top_k": top_k,
-        "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.disk_dtype),
+        "hidden": layout.hidden, "expert_intermediate": layout.intermediate, "checkpoint_dtype": str(layout.float_dtype),
+        "expert_quant": quant_label(layout.quant), "dense_quantized_layers": len(quantized_linears(
+            n for n in ckpt.tensors if n not in names)),
         "dense_bytes": dense, "cpu_dense_bytes": cpu_dense,
         "cpu_dense_dtype": str(dense16 or torch.float32).removeprefix("torch."), "native_kernels": native.status(),
         "routed_expert_bytes": expert_bytes, "expert_bytes_each": layout.disk_bytes,
@@ -78,10 +81,14 @@ def run(args) -> int:
         return 0
     print(f"{info['model']}: {ckpt.model_type}, {info['layers']} layers ({info['moe_layers']} MoE), "
           f"{n_exp} routed experts/layer, top-{top_k}, hidden {layout.hidden}, expert intermediate {layout.intermediate}")
-    print(f"  dense weights      {format_bytes(dense)} ({layout.disk_dtype} on disk); on the CPU "
+    print(f"  dense weights      {format_bytes(dense)} ({layout.float_dtype} on disk); on the CPU "
           f"{format_bytes(cpu_dense)} (large layers as {info['cpu_dense_dtype']}, small ones float32)")
-    print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}")
-    how = f" as {info['cpu_slot_dtype']}"
+    packed = f", {info['expert_quant']} packed" if layout.quant else ""
+    print(f"  routed experts     {format_bytes(expert_bytes)} = {len(layout.experts)} x {format_bytes(layout.disk_bytes)}"
+          f"{packed}")
+    if info["dense_quantized_layers"]:
+        print(f"  quantized dense    {info['dense_quantized_layers']} linear layers packed")
+    how = " packed" if layout.quant else f" as {info['cpu_slot_dtype']}"
     print(f"  minimum budget     {format_bytes(info['min_budget_bytes_cpu'])} (top-{top_k} experts{how} on CPU)")
     print(f"  this machine (CPU) {auto.note}" + _share(auto, per_expert * len(layout.experts), how))
     print(f"  expert kernel      {kernel.kind}: {kernel.why}")

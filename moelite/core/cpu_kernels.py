@@ -38,6 +38,7 @@ from torch import nn
 
 from moelite.core import native
 from moelite.core.native import cpu_flags  # noqa: F401 - re-exported: the figures' CPU flags
+from moelite.core.quant import QWeight, dequant_scratch
 
 log = logging.getLogger("moelite.core.cpu_kernels")
 
@@ -58,6 +59,7 @@ def _pairs(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: to
     return torch.zeros_like(x).index_add_(0, tok, y * w[:, None])  # [N, H]
 
 
+@lru_cache(maxsize=64)
 def is_silu(act_fn) -> bool:
     """Whether `act_fn` computes SiLU (transformers has its own SiLU classes: checked by value, not by type)."""
     t = torch.linspace(-6, 6, 49)
@@ -127,7 +129,7 @@ class ResidentKernel:
         if self.kind == "native":
             native.load()  # built (or found in the cache) now, not at the first token
             return
-        if self._compiled is None:
+        if self._compiled is None or isinstance(gate_up, QWeight):  # packed slots never take the compiled kernel
             return
         h, last = gate_up.shape[-1], min(1, gate_up.shape[0] - 1)
         for n, pairs in ((1, 1), (1, 2), (2, 3)):
@@ -148,12 +150,13 @@ class ResidentKernel:
             log.warning("expert kernel: %s", self.why)
             return None
 
-    def run(self, gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
+    def run(self, gate_up, down, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor,
             w: torch.Tensor) -> torch.Tensor:
-        if self.kind == "native" and slots.numel() <= COMPILED_MAX_PAIRS and gate_up.dtype in native.DTYPES:
+        quantized = isinstance(gate_up, QWeight)
+        if self.kind == "native" and slots.numel() <= COMPILED_MAX_PAIRS and (quantized or gate_up.dtype in native.DTYPES):
             return native.swiglu_pairs(gate_up, down, x.float().contiguous(), slots, tok, w,
                                        torch.zeros(x.shape, dtype=torch.float32)).to(x.dtype)
-        if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS:
+        if self._compiled is not None and slots.numel() <= COMPILED_MAX_PAIRS and not quantized:
             out = self._call(gate_up, down, x, slots, tok, w)
             if out is not None:
                 return out
@@ -165,9 +168,20 @@ class ResidentKernel:
         return out
 
 
-def expert_forward(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+def expert_forward(gate_up, down, xs: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
     """One expert on tokens xs [n, H] -> [n, H] in xs's dtype (SwiGLU: down(act(gate x) * up x)); gate_up [2I, H],
-    down [H, I] in any storage dtype (upcast to xs's dtype when narrower)."""
+    down [H, I] in any storage dtype (upcast to xs's dtype when narrower), or quantized (`QWeight`): decode-sized
+    inputs through the native kernel, others over the weights dequantized into a reused buffer."""
+    if isinstance(gate_up, QWeight):
+        n = xs.shape[0]
+        if 0 < n <= native.MAX_ROWS and native.available() and is_silu(act_fn):
+            x = xs.float().contiguous()
+            out = native.swiglu_pairs(gate_up[None], down[None], x, torch.zeros(n, dtype=torch.long), torch.arange(n),
+                                      torch.ones(n), torch.zeros_like(x))
+            return out.to(xs.dtype)
+        gate_up, down = dequant_scratch(gate_up, 0), dequant_scratch(down, 1)
+        g, u = F.linear(xs.float(), gate_up).chunk(2, dim=-1)
+        return F.linear(act_fn(g) * u, down).to(xs.dtype)
     if gate_up.dtype != xs.dtype:
         gate_up, down = _upcast(gate_up, xs.dtype, 0), _upcast(down, xs.dtype, 1)
     g, u = F.linear(xs, gate_up).chunk(2, dim=-1)  # [n, I] each

@@ -33,6 +33,7 @@ from torch import nn
 
 from moelite.core import native
 from moelite.core.cpu_kernels import is_silu
+from moelite.core.quant import SUFFIXES as QUANT_SUFFIXES
 
 #: float32 size below which a dense weight stays float32 (its cost is per call, not reading it)
 SMALL_DENSE_BYTES = 1 << 20
@@ -98,8 +99,10 @@ def stored_dtype(shape, dense16: torch.dtype | None, model_dtype: torch.dtype) -
 
 
 def dense_bytes(tensors: dict, expert_names, dense16: torch.dtype | None, model_dtype: torch.dtype) -> int:
-    """Bytes the non-expert tensors of a checkpoint (name -> info with .shape, .dtype, .nbytes) take once loaded."""
-    return sum(t.nbytes // t.dtype.itemsize * stored_dtype(t.shape, dense16, model_dtype).itemsize
+    """Bytes the non-expert tensors of a checkpoint (name -> info with .shape, .dtype, .nbytes) take once loaded
+    (quantized weights, their scales and shapes: as stored)."""
+    return sum(t.nbytes if n.rpartition(".")[2] in QUANT_SUFFIXES else
+               t.nbytes // t.dtype.itemsize * stored_dtype(t.shape, dense16, model_dtype).itemsize
                for n, t in tensors.items() if n not in expert_names)
 
 

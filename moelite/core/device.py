@@ -33,6 +33,11 @@ SMALL_EXPERT_BYTES = 1 << 20
 
 def slot_dtype(config: EngineConfig, device: torch.device, checkpoint_dtype: torch.dtype,
                expert_numel: int | None = None) -> torch.dtype:
+    if checkpoint_dtype == torch.uint8:  # packed (quantized) experts: a slot holds their bytes as stored
+        if config.expert_dtype != "auto":
+            raise ValueError(f"expert_dtype: {config.expert_dtype!r}, but this checkpoint's experts are quantized and "
+                             "their slots hold the packed bytes; leave expert_dtype at 'auto'")
+        return torch.uint8
     if config.expert_dtype != "auto":
         return getattr(torch, config.expert_dtype)
     if not checkpoint_dtype.is_floating_point or checkpoint_dtype.itemsize > 4:

@@ -30,19 +30,22 @@ import torch
 
 from moelite.core.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from moelite.core.counters import Counters
+from moelite.core.quant import QuantSpec, QWeight
 
 Key = tuple[int, int]  # (layer index, expert index)
 
 
 @dataclass(frozen=True)
 class ExpertTensors:
-    gate: TensorInfo  # [I, H]
+    gate: TensorInfo  # [I, H] (quantized: packed int32 [I, H * bits / 32])
     up: TensorInfo  # [I, H]
     down: TensorInfo  # [H, I]
+    scales: tuple[TensorInfo, ...] = ()  # quantized: gate, up, down scales [I, H / G], [I, H / G], [H, I / G]
 
     @property
-    def parts(self) -> tuple[TensorInfo, TensorInfo, TensorInfo]:
-        return (self.gate, self.up, self.down)
+    def parts(self) -> tuple[TensorInfo, ...]:
+        """In slot order: gate, up, down (and their scales when quantized)."""
+        return (self.gate, self.up, self.down, *self.scales)
 
 
 @dataclass
@@ -52,11 +55,20 @@ class ExpertLayout:
     num_experts: int
     hidden: int
     intermediate: int
-    disk_dtype: torch.dtype
+    disk_dtype: torch.dtype  # quantized: uint8 (a slot is the expert's bytes)
+    quant: QuantSpec | None = None
 
     @property
     def numel(self) -> int:
-        return 3 * self.hidden * self.intermediate
+        """Elements of one expert's slot (quantized: bytes of packed weights and scales)."""
+        if self.quant is None:
+            return 3 * self.hidden * self.intermediate
+        return sum(p.nbytes for p in next(iter(self.experts.values())).parts)
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        """The checkpoint's float dtype: the experts' own, or for packed experts their scales' (the model's)."""
+        return next(iter(self.experts.values())).scales[0].dtype if self.quant is not None else self.disk_dtype
 
     @property
     def disk_bytes(self) -> int:
@@ -67,12 +79,25 @@ class ExpertLayout:
         return self.disk_bytes * len(self.experts)
 
     def expert_tensor_names(self) -> set[str]:
-        return {p.name.split("[")[0] for t in self.experts.values() for p in t.parts}
+        names = {p.name.split("[")[0] for t in self.experts.values() for p in t.parts}
+        if self.quant is not None:  # the packed weights' shape records belong to the experts too
+            names |= {n.replace(".weight_packed", ".weight_shape") for n in names if n.endswith(".weight_packed")}
+        return names
 
     @classmethod
-    def build(cls, ckpt: Checkpoint, adapter, n_experts: int) -> "ExpertLayout":
+    def build(cls, ckpt: Checkpoint, adapter, n_experts: int, quant: QuantSpec | None = None) -> "ExpertLayout":
         found: dict[Key, dict[str, TensorInfo]] = {}
         for name, info in ckpt.tensors.items():
+            base, _, suffix = name.rpartition(".")
+            if suffix in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx"):
+                m = adapter.expert_key.match(base + ".weight")  # a quantized expert weight (core/quant.py)
+                if m:
+                    if suffix in ("weight_zero_point", "weight_g_idx"):
+                        raise CheckpointError(f"{name}: asymmetric or act-ordered quantization; moelite reads "
+                                              "symmetric pack-quantized weights (write them with `moelite quantize`)")
+                    part = adapter.proj_names[m.group(3)] + ("" if suffix == "weight_packed" else "_" + suffix)
+                    found.setdefault((int(m.group(1)), int(m.group(2))), {})[part] = info
+                continue
             m = adapter.expert_key.match(name)
             if m:
                 layer, expert, proj = int(m.group(1)), int(m.group(2)), adapter.proj_names[m.group(3)]
@@ -96,13 +121,22 @@ class ExpertLayout:
         if not found:
             raise CheckpointError(f"no routed-expert tensors found in {ckpt.folder.name!r} for model_type "
                                   f"{ckpt.model_type!r} (expected keys like 'model.layers.0.mlp.experts.0.gate_proj.weight')")
+        packed = any("gate_weight_scale" in parts for parts in found.values())
+        if packed and quant is None:
+            raise CheckpointError("the routed experts are stored packed (weight_packed / weight_scale), but config.json "
+                                  "has no quantization_config")
         experts: dict[Key, ExpertTensors] = {}
         for key, parts in sorted(found.items()):
-            missing = [p for p in ("gate", "up", "down") if p not in parts]
+            want = ("gate", "up", "down") + (("gate_weight_scale", "up_weight_scale", "down_weight_scale") if packed
+                                             else ())
+            missing = [p for p in want if p not in parts]
             if missing:
-                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: missing {', '.join(missing)} projection "
-                                      "weights in the checkpoint")
-            experts[key] = ExpertTensors(parts["gate"], parts["up"], parts["down"])
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: missing {', '.join(missing)} tensors in "
+                                      "the checkpoint")
+            scales = tuple(parts[p] for p in want[3:])
+            experts[key] = ExpertTensors(parts["gate"], parts["up"], parts["down"], scales)
+        if packed:
+            return cls._build_quantized(experts, n_experts, quant)
         layers = sorted({k[0] for k in experts})
         for layer in layers:
             have = sorted(e for (l_, e) in experts if l_ == layer)
@@ -121,6 +155,52 @@ class ExpertLayout:
                 raise CheckpointError(f"expert {key[1]} of layer {key[0]}: mixed dtypes; expected {dtype}")
         return cls(experts, layers, n_experts, hidden, inter, dtype)
 
+    @classmethod
+    def _build_quantized(cls, experts: dict[Key, ExpertTensors], n_experts: int, q: QuantSpec) -> "ExpertLayout":
+        """Packed experts: every expert's packed weights int32 [I, H*b/32], [I, H*b/32], [H, I*b/32] and scales of
+        one dtype with the shapes the spec implies; a slot holds their bytes (uint8)."""
+        layers = sorted({k[0] for k in experts})
+        for layer in layers:
+            have = sorted(e for (l_, e) in experts if l_ == layer)
+            if have != list(range(n_experts)):
+                raise CheckpointError(f"layer {layer}: checkpoint holds experts {have[:3]}..{have[-3:]} "
+                                      f"({len(have)}), config.json says {n_experts}")
+        first = next(iter(experts.values()))
+        inter, hidden = first.gate.shape[0], first.down.shape[0]
+        gh, gi = q.group_for(hidden), q.group_for(inter)
+        per = 32 // q.bits
+        want = ((inter, hidden // per), (inter, hidden // per), (hidden, inter // per),
+                (inter, hidden // gh), (inter, hidden // gh), (hidden, inter // gi))
+        sdt = first.scales[0].dtype
+        for key, t in experts.items():
+            shapes = tuple(p.shape for p in t.parts)
+            if hidden % gh or inter % gi or shapes != want:
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: packed/scale shapes {[list(s) for s in shapes]}"
+                                      f" differ from what int{q.bits} with group size {q.group or 'per-channel'} "
+                                      f"implies for hidden {hidden}, intermediate {inter}: {[list(s) for s in want]}")
+            if any(p.dtype != torch.int32 for p in t.parts[:3]) or any(p.dtype != sdt for p in t.scales) \
+                    or not sdt.is_floating_point:
+                raise CheckpointError(f"expert {key[1]} of layer {key[0]}: packed weights must be int32 and scales "
+                                      f"one float dtype; found {[str(p.dtype) for p in t.parts]}")
+        return cls(experts, layers, n_experts, hidden, inter, torch.uint8, q)
+
+    def qweights(self, flat: torch.Tensor) -> tuple:
+        """Quantized slots' bytes (uint8 [S, numel] or one slot [numel]) -> (gate_up, down) `QWeight` views."""
+        q, h, i = self.quant, self.hidden, self.intermediate
+        t = next(iter(self.experts.values()))
+        lead = flat.shape[:-1]
+        sizes = [p.nbytes for p in t.parts]
+        sdt = t.scales[0].dtype
+        pos = [sum(sizes[:k]) for k in range(7)]
+
+        def part(a: int, b: int, shape, dtype=torch.uint8) -> torch.Tensor:
+            return flat[..., pos[a]:pos[b]].view(dtype).view(*lead, *shape)
+
+        gh, gi = q.group_for(h), q.group_for(i)
+        gate_up = QWeight(part(0, 2, (2 * i, h * q.bits // 8)), part(3, 5, (2 * i, h // gh), sdt), q.bits, gh)
+        down = QWeight(part(2, 3, (h, i * q.bits // 8)), part(5, 6, (h, i // gi), sdt), q.bits, gi)
+        return gate_up, down
+
 
 class SlotPool:
     """`n_slots` expert slots in one preallocated buffer on `device`."""
@@ -130,16 +210,24 @@ class SlotPool:
         self.slot_numel = layout.numel
         self.slot_bytes = self.slot_numel * dtype.itemsize
         self.buffer = torch.empty((n_slots, self.slot_numel), dtype=dtype, device=device)
-        h, i = layout.hidden, layout.intermediate
-        self._gate_up = self.buffer[:, : 2 * i * h].view(n_slots, 2 * i, h)
-        self._down = self.buffer[:, 2 * i * h:].view(n_slots, h, i)
+        self.quantized = layout.quant is not None
+        self._gate_up, self._down = self.views(self.buffer)
+
+    def views(self, flat: torch.Tensor):
+        """(gate_up, down) views of slot bytes `flat` ([S, numel] or one slot [numel]): tensors [.., 2I, H] and
+        [.., H, I], or `quant.QWeight`s for a quantized layout."""
+        if self.quantized:
+            return self.layout.qweights(flat)
+        h, i = self.layout.hidden, self.layout.intermediate
+        lead = flat.shape[:-1]
+        return flat[..., : 2 * i * h].view(*lead, 2 * i, h), flat[..., 2 * i * h:].view(*lead, h, i)
 
     @property
-    def gate_up_all(self) -> torch.Tensor:
-        return self._gate_up  # [n_slots, 2I, H] (strided view of the buffer)
+    def gate_up_all(self):
+        return self._gate_up  # [n_slots, 2I, H] (strided view of the buffer; a QWeight when quantized)
 
     @property
-    def down_all(self) -> torch.Tensor:
+    def down_all(self):
         return self._down  # [n_slots, H, I]
 
     def gate_up(self, slot: int) -> torch.Tensor:

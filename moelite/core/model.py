@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 from moelite.core.arch.base import ArchAdapter
-from moelite.core import dense
+from moelite.core import dense, quant
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 from moelite.core.expert_store import ExpertLayout, ExpertReader
 from moelite.core.moe_layer import ExpertManager, OffloadedMoEBlock
@@ -84,6 +84,7 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
     for block in blocks.values():
         act_fn = act_fn or block.experts.act_fn
         del block.experts
+    quant.convert(model, ckpt, quant.QuantSpec.from_config(hf_config), adapter.rename)  # linear layers stored packed (core/quant.py)
     if dense16 is not None:  # large dense weights stay 16-bit on the CPU (core/dense.py), swapped before allocation
         dense.convert(model, dense16)
     model.to_empty(device=device)

@@ -243,6 +243,8 @@ class ExpertManager:
         bytes never cross PCIe."""
         stage = self.reader.staging()
         self.reader.read_bytes(key, stage)
+        if self.pool.quantized:  # packed bytes, computed as they are (CPU only)
+            return self.pool.views(stage)
         lay = self.pool.layout
         h, i = lay.hidden, lay.intermediate
         want = self.pool.dtype if self.pool.device.type == "cpu" else torch.float32
@@ -517,7 +519,8 @@ class ExpertManager:
     def _compute_resident(self, lp: _LayerPass, resident: list) -> deque:
         """The resident experts, while the misses' reads run; returns their slots (still shielded)."""
         done: deque[int] = deque()
-        if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES:
+        if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES \
+                and not self.pool.quantized:
             t0 = time.perf_counter()
             slots = [slot for _, slot in resident]
             if len(resident) == len(lp.groups) == lp.wts.shape[0]:  # all resident, each expert once: the sorted

@@ -9,9 +9,13 @@ Contract:
   - `gemv(x, w, out=None, alpha=None)`: x float32 [N, I] (N <= MAX_ROWS, rows contiguous), w [O, I] float32, bf16 or
     fp16 with unit stride along I -> float32 [N, O] = x @ w.T, each weight read once; with `alpha` [N], adds
     alpha[n] * (x[n] @ w.T) into `out` instead.
+  - `qgemv(x, qw, out=None, alpha=None)`: the same for a weight-only quantized weight (`quant.QWeight`, int8 or
+    int4 packed rows with per-group scales): x is quantized to int8 in blocks of 32 inside the call (as llama.cpp's
+    Q8 activations) and each block is an integer dot product.
   - `swiglu_pairs(gate_up_all, down_all, x, slots, tok, wts, out)`: SwiGLU experts over (token, expert) pairs,
     pairs sorted by slot, each token at most once per slot: out[tok[p]] += wts[p] * expert(slots[p], x[tok[p]]).
-    Slots [S, 2E, H] and [S, H, E], contiguous per slot. One call per MoE layer.
+    Slots [S, 2E, H] and [S, H, E] (tensors, or `quant.QWeight` stacks), contiguous per slot. One call per MoE
+    layer.
   - `cpu_flags()` -> the instruction-set flags of this CPU that matter to moelite's kernels (avx2, fma, f16c,
     avx512f, avx512_bf16, amx_bf16, amx_tile), read once from /proc/cpuinfo; recorded with every figure.
   - `scratch(key, numel, dtype)` -> this thread's reused 1-D buffer `key` of at least `numel` elements (a fresh
@@ -125,8 +129,15 @@ def load() -> ctypes.CDLL | None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.ml_gemv.argtypes = [p, i32, i64, i64, i64, p, i32, p, p, i32]
     lib.ml_gemv.restype = None
-    lib.ml_swiglu_pairs.argtypes = [p, p, i32, i64, i64, i64, i64, p, p, p, p, i64, p, p, i32]
+    lib.ml_qgemv.argtypes = [p, i32, i64, i64, i64, p, i32, i64, i64, p, i32, p, p, p, i32]
+    lib.ml_qgemv.restype = None
+    lib.ml_qgemv_scratch.argtypes = [i64, i64]
+    lib.ml_qgemv_scratch.restype = i64
+    lib.ml_swiglu_pairs.argtypes = [p, i64, p, i64, p, i64, p, i64, i32, i32, i64, i64, i64, p, i64, p, p, p, i64,
+                                    p, p, i32]
     lib.ml_swiglu_pairs.restype = None
+    lib.ml_swiglu_scratch.argtypes = [i64, i64, i64, i64]
+    lib.ml_swiglu_scratch.restype = i64
     _status = "AVX2 kernels built with " + Path(cc).name
     return lib
 
@@ -179,23 +190,67 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
     return out
 
 
-def swiglu_pairs(gate_up_all: torch.Tensor, down_all: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
-                 tok: torch.Tensor, wts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def qgemv(x: torch.Tensor, qw, out: torch.Tensor | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """`gemv` for a quantized weight (`quant.QWeight`, packed rows uint8 [O, I * bits / 8], scales [O, I / G])."""
     lib = _lib()
-    dt = _check_weight(gate_up_all, "swiglu_pairs")
-    if down_all.dtype != gate_up_all.dtype:
-        raise TypeError("swiglu_pairs: gate_up and down slots must share a dtype")
-    s, e2, h = gate_up_all.shape
-    e = e2 // 2
-    if gate_up_all.stride()[1:] != (h, 1) or down_all.stride()[1:] != (e, 1) or tuple(down_all.shape[1:]) != (h, e):
-        raise ValueError("swiglu_pairs: slots must be contiguous [S, 2E, H] and [S, H, E]")
+    n, i = x.shape
+    o = qw.out_features
+    if not 1 <= n <= MAX_ROWS or x.dtype != torch.float32 or x.stride(1) != 1 or qw.in_features != i \
+            or qw.packed.stride(1) != 1 or qw.scale.stride(1) != 1 or i % 32 or qw.group % 32:
+        raise ValueError(f"qgemv: x float32 [N<= {MAX_ROWS}, I] unit-stride rows and a packed weight of in_features "
+                         f"I (a multiple of 32) expected, got x {x.dtype} {list(x.shape)}, weight in_features "
+                         f"{qw.in_features}")
+    sdt = _check_weight(qw.scale, "qgemv scales")
+    if out is None:
+        out = torch.empty(n, o, dtype=torch.float32)
+    a = None
+    if alpha is not None:
+        alpha = alpha.to(torch.float32).contiguous()
+        a = alpha.data_ptr()
+    work = scratch("qgemv", lib.ml_qgemv_scratch(n, i), torch.uint8)
+    lib.ml_qgemv(qw.packed.data_ptr(), qw.bits, o, i, qw.packed.stride(0), qw.scale.data_ptr(), sdt,
+                 qw.scale.stride(0) * qw.scale.element_size(), qw.group, _rows(x), n, _rows(out), a, work.data_ptr(),
+                 torch.get_num_threads())
+    return out
+
+
+def swiglu_pairs(gate_up_all, down_all, x: torch.Tensor, slots: torch.Tensor, tok: torch.Tensor, wts: torch.Tensor,
+                 out: torch.Tensor) -> torch.Tensor:
+    lib = _lib()
+    quant = not isinstance(gate_up_all, torch.Tensor)
+    if quant:  # quant.QWeight stacks
+        gu, dn = gate_up_all.packed, down_all.packed
+        dt, sdt, group = gate_up_all.bits, _check_weight(gate_up_all.scale, "swiglu_pairs scales"), gate_up_all.group
+        s, e2, h = gu.shape[0], gate_up_all.out_features, gate_up_all.in_features
+        e = e2 // 2
+        if (down_all.bits, down_all.group) != (dt, group) or down_all.scale.dtype != gate_up_all.scale.dtype \
+                or (down_all.out_features, down_all.in_features) != (h, e) or h % 32 or e % 32 or group % 32 \
+                or gu.stride()[1:] != (gu.shape[2], 1) or dn.stride()[1:] != (dn.shape[2], 1) \
+                or gate_up_all.scale.stride()[1:] != (gate_up_all.scale.shape[2], 1) \
+                or down_all.scale.stride()[1:] != (down_all.scale.shape[2], 1):
+            raise ValueError("swiglu_pairs: quantized slots must be contiguous [S, 2E, H] and [S, H, E] of one scheme, "
+                             "H and E multiples of 32")
+        gus, dns = gate_up_all.scale, down_all.scale
+        scales = (gus.data_ptr(), gus.stride(0) * gus.element_size(), dns.data_ptr(), dns.stride(0) * dns.element_size())
+    else:
+        gu, dn = gate_up_all, down_all
+        dt, sdt, group = _check_weight(gu, "swiglu_pairs"), 0, 0
+        if dn.dtype != gu.dtype:
+            raise TypeError("swiglu_pairs: gate_up and down slots must share a dtype")
+        s, e2, h = gu.shape
+        e = e2 // 2
+        if gu.stride()[1:] != (h, 1) or dn.stride()[1:] != (e, 1) or tuple(dn.shape[1:]) != (h, e):
+            raise ValueError("swiglu_pairs: slots must be contiguous [S, 2E, H] and [S, H, E]")
+        scales = (None, 0, None, 0)
     if x.dtype != torch.float32 or not x.is_contiguous() or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError("swiglu_pairs: x and out must be contiguous float32 [N, H]")
     slots = slots.to(torch.int64).contiguous()
     tok = tok.to(torch.int64).contiguous()
     wts = wts.to(torch.float32).contiguous()
-    work = scratch("swiglu_pairs", slots.numel() * 3 * e)
-    lib.ml_swiglu_pairs(gate_up_all.data_ptr(), down_all.data_ptr(), dt, gate_up_all.stride(0), down_all.stride(0),
-                        h, e, x.data_ptr(), slots.data_ptr(), tok.data_ptr(), wts.data_ptr(), slots.numel(),
-                        out.data_ptr(), work.data_ptr(), torch.get_num_threads())
+    p, n = slots.numel(), x.shape[0]
+    work = scratch("swiglu_pairs", lib.ml_swiglu_scratch(p, n, h, e), torch.uint8)
+    lib.ml_swiglu_pairs(gu.data_ptr(), gu.stride(0) * gu.element_size(), scales[0], scales[1],
+                        dn.data_ptr(), dn.stride(0) * dn.element_size(), scales[2], scales[3], dt, sdt, group, h, e,
+                        x.data_ptr(), n, slots.data_ptr(), tok.data_ptr(), wts.data_ptr(), p, out.data_ptr(),
+                        work.data_ptr(), torch.get_num_threads())
     return out

@@ -482,8 +482,13 @@ async def _sse(st: _State, endpoint, seqs, q, first, rid, created, chat, n_promp
         pending = list(first)
         while len(done) < n:
             i, ev = pending.pop(0) if pending else await q.get()
-            if st.cut and ev[0] == "text":  # the drain timeout passed: skip queued text, the error comes next
-                continue
+            if st.cut and ev[0] == "text":  # the drain timeout passed with text unsent: the stream ends with the
+                outcome = "503"  # error event now (the sequence may have finished, but this client has not its text)
+                err = {"error": {"message": "server stopped: the drain timeout passed before this stream was sent "
+                                            "in full; retry the request", "type": "server_error", "param": None,
+                                 "code": 503}}
+                yield f"data: {json.dumps(err)}\n\n"
+                break
             if ev[0] == "text":
                 yield _chunk(rid, created, model, chat, i, text=ev[1])
             elif ev[0] == "done":

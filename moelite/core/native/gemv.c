@@ -6,8 +6,15 @@
    number of rows (at most MAX_ROWS), converted to float32 in registers, and multiplied with float32 activations:
    the result equals a float32 product over the same weights, up to summation order.
 
+   Weight-only quantized weights (compressed-tensors' pack-quantized layout, symmetric, per-group scales) take
+   another route: the activations are quantized to int8 in blocks of 32 (one float scale per block, as llama.cpp's
+   Q8 activations), the weights stay packed in memory, and each block of 32 is an integer dot product (AVX2
+   maddubs) scaled by weight scale x activation scale. 8-bit: byte = q + 128. 4-bit: byte b of a row holds
+   elements 2b (low nibble) and 2b+1 (high nibble), each q + 8; the activations of a 4-bit row are stored with each
+   block's even elements first, then its odd ones, to match the nibbles' order.
+
    Shape legend: O output features, I input features, N rows (tokens), H hidden, E expert intermediate, P pairs.
-   Weight dtypes: 0 float32, 1 bfloat16, 2 float16. Row pointers: `x[n]` is row n of the input, `y[n]` row n of the
+   Weight dtypes: 0 float32, 1 bfloat16, 2 float16, 8 int8 (packed), 4 int4 (packed). Row pointers: `x[n]` is row n of the input, `y[n]` row n of the
    output. Threads: OpenMP, `threads` given by the caller (torch.get_num_threads()), split over output features. */
 #include <immintrin.h>
 #include <math.h>
@@ -17,7 +24,11 @@
 
 #define MAX_ROWS 8
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };
+enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 };
+#define QBLOCK 32
+#ifndef PREFETCH
+#define PREFETCH 1024
+#endif
 
 static inline __m256 load8(const void *w, int64_t i, int dt) {
     switch (dt) {
@@ -122,71 +133,240 @@ void ml_gemv(const void *w, int dt, int64_t O, int64_t I, int64_t ldw, const flo
     for (int64_t b = 0; b < blocks; b++) row_block((const char *)w, dt, b * R, O, I, ldw_b, x, N, y, alpha);
 }
 
+/* ---- quantized weights ------------------------------------------------------------------------------------------- */
+
+/* A weight matrix: rows of `w` (ldw bytes apart), dtype dt; quantized: scales [O, I/G] in sdt, lds bytes per row. */
+typedef struct {
+    const char *w;
+    int64_t ldw;
+    int dt;
+    const char *s;
+    int64_t lds;
+    int sdt;
+    int64_t G;
+} wmat_t;
+
+static inline int is_quant(int dt) { return dt == Q4 || dt == Q8; }
+
+/* One row of activations quantized: q[i] int8 in blocks of 32 (4-bit weights: each block's even elements, then its
+   odd ones), s[i / 32] the block's scale (max |x| / 127). */
+static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) {
+    for (int64_t b = 0; b < I / QBLOCK; b++) {
+        const float *xb = x + b * QBLOCK;
+        float amax = 0.0f;
+        for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
+        s[b] = d;
+        int8_t *qb = q + b * QBLOCK;
+        if (bits == 4)
+            for (int k = 0; k < QBLOCK / 2; k++) {
+                qb[k] = (int8_t)lrintf(xb[2 * k] * id);
+                qb[QBLOCK / 2 + k] = (int8_t)lrintf(xb[2 * k + 1] * id);
+            }
+        else
+            for (int k = 0; k < QBLOCK; k++) qb[k] = (int8_t)lrintf(xb[k] * id);
+    }
+}
+
+/* 32 signed weights of row `wr` starting at element i. */
+static inline __m256i qload(const uint8_t *wr, int64_t i, int dt) {
+    if (dt == Q8) return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + i)), _mm256_set1_epi8((char)0x80));
+    __m128i v = _mm_loadu_si128((const __m128i *)(wr + i / 2)), m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
+    return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
+}
+
+/* R quantized weight rows (o .. o+R-1) against N quantized activation rows: res[r * N + n]. */
+static inline __attribute__((always_inline)) void qblock(const wmat_t *m, int64_t o, int64_t I,
+                                                         int8_t *const *xq, float *const *xs, int R, int N,
+                                                         float *res) {
+    __m256 acc[8];
+    for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int64_t i = 0; i < I; i += QBLOCK) {
+        int64_t b = i / QBLOCK;
+        for (int r = 0; r < R; r++) {
+            const uint8_t *wr = (const uint8_t *)m->w + (o + r) * m->ldw;
+            _mm_prefetch((const char *)wr + i * m->dt / 8 + PREFETCH, _MM_HINT_T0);
+            __m256i q = qload(wr, i, m->dt);
+            __m256i aq = _mm256_sign_epi8(q, q);
+            float ws = load1(m->s + (o + r) * m->lds, i / m->G, m->sdt);
+            for (int n = 0; n < N; n++) {
+                __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[n] + i));
+                __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q)), ones);
+                acc[r * N + n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws * xs[n][b]), acc[r * N + n]);
+            }
+        }
+    }
+    for (int k = 0; k < R * N; k++) res[k] = hsum(acc[k]);
+}
+
+#define QCASE(NN)                                                                                                \
+    case NN:                                                                                                     \
+        if (o + rows_for(NN) <= O) {                                                                             \
+            qblock(m, o, I, xq, xs, rows_for(NN), NN, res);                                                      \
+            for (int r = 0; r < rows_for(NN); r++) store(y, alpha, o + r, res + r * NN, NN);                     \
+        } else                                                                                                   \
+            for (; o < O; o++) {                                                                                 \
+                qblock(m, o, I, xq, xs, 1, NN, res);                                                             \
+                store(y, alpha, o, res, NN);                                                                     \
+            }                                                                                                    \
+        break;
+
+static void qrow_block(const wmat_t *m, int64_t o, int64_t O, int64_t I, int8_t *const *xq, float *const *xs, int N,
+                       float *const *y, const float *alpha) {
+    float res[8];
+    switch (N) { QCASE(1) QCASE(2) QCASE(3) QCASE(4) QCASE(5) QCASE(6) QCASE(7) QCASE(8) }
+}
+
+/* Rows [o, o + rows_for(N)) (clipped at O) of any weight matrix: float rows x, or quantized rows xq / xs. */
+static inline void rows(const wmat_t *m, int64_t o, int64_t O, int64_t I, const float *const *x, int8_t *const *xq,
+                        float *const *xs, int N, float *const *y, const float *alpha) {
+    if (is_quant(m->dt)) qrow_block(m, o, O, I, xq, xs, N, y, alpha);
+    else row_block(m->w, m->dt, o, O, I, m->ldw, x, N, y, alpha);
+}
+
+/* Bytes of scratch ml_qgemv needs for N rows of I inputs. */
+int64_t ml_qgemv_scratch(int64_t N, int64_t I) { return N * I + N * (I / QBLOCK) * 4 + 64; }
+
+/* ml_gemv for quantized weights (dt Q8 or Q4; I a multiple of 32 and of G): the rows of x are quantized into
+   `scratch` (ml_qgemv_scratch bytes) first. */
+void ml_qgemv(const void *w, int dt, int64_t O, int64_t I, int64_t ldw_b, const void *s, int sdt, int64_t lds_b,
+              int64_t G, const float *const *x, int N, float *const *y, const float *alpha, char *scratch,
+              int threads) {
+    if (N < 1 || N > MAX_ROWS || !is_quant(dt) || I % QBLOCK || G % QBLOCK) return;
+    wmat_t m = {(const char *)w, ldw_b, dt, (const char *)s, lds_b, sdt, G};
+    int8_t *xq[MAX_ROWS];
+    float *xs[MAX_ROWS];
+    float *sbase = (float *)(((uintptr_t)scratch + N * I + 63) & ~(uintptr_t)63);
+    for (int n = 0; n < N; n++) {
+        xq[n] = (int8_t *)scratch + n * I;
+        xs[n] = sbase + n * (I / QBLOCK);
+        quant_row(x[n], I, dt, xq[n], xs[n]);
+    }
+    int64_t R = rows_for(N), blocks = (O + R - 1) / R;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) qrow_block(&m, b * R, O, I, xq, xs, N, y, alpha);
+}
+
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 typedef struct {
     int64_t slot, first, n, blocks_before;
 } group_t;
 
+/* Bytes of scratch ml_swiglu_pairs needs for P pairs over N tokens. */
+int64_t ml_swiglu_scratch(int64_t P, int64_t N, int64_t H, int64_t E) {
+    return P * 3 * E * 4 + N * H + N * (H / QBLOCK) * 4 + P * E + P * (E / QBLOCK) * 4 + 5 * 64;
+}
+
+static char *carve(char **at, int64_t bytes) {
+    char *p = (char *)(((uintptr_t)*at + 63) & ~(uintptr_t)63);
+    *at = p + bytes;
+    return p;
+}
+
 /* SwiGLU experts over pairs, grouped by slot (the caller sorts pairs by slot; a group holds at most MAX_ROWS
    pairs, a slot with more tokens forms several groups):
        out[tok[p]] += wt[p] * down[s] @ (silu(gate[s] @ x[tok[p]]) * (up[s] @ x[tok[p]]))
-   gate_up: slot s at gate_up + s * gu_stride elements, [2E, H] (gate rows first); down: [H, E] at s * dn_stride.
-   scratch: float32 [P * 3E]. Three phases over every thread, two barriers in all: the gate/up rows of every group
-   (one work list, so the reads stream without a pause per expert), the activations, then the down rows: each thread
-   owns a range of output features across all groups, so accumulating into `out` needs no lock. */
-void ml_swiglu_pairs(const void *gate_up, const void *down, int dt, int64_t gu_stride, int64_t dn_stride, int64_t H,
-                     int64_t E, const float *x, const int64_t *slots, const int64_t *tok, const float *wt, int64_t P,
-                     float *out, float *scratch, int threads) {
-    int64_t es = (int64_t)esize(dt);
+   gate_up: slot s at gate_up + s * gu_stride bytes, [2E, H] (gate rows first); down: [H, E] at s * dn_stride bytes.
+   Quantized (dt Q8/Q4): their scales at gu_scale + s * gus_stride ([2E, H/G]) and dn_scale + s * dns_stride
+   ([H, E/G]), in sdt; x [N, H] is quantized first, and so are the activations. scratch: ml_swiglu_scratch bytes.
+   Three phases over every thread, two barriers in all: the gate/up rows of every group (one work list, so the reads
+   stream without a pause per expert), the activations, then the down rows: each thread owns a range of output
+   features across all groups, so accumulating into `out` needs no lock. */
+void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scale, int64_t gus_stride,
+                     const void *down, int64_t dn_stride, const void *dn_scale, int64_t dns_stride, int dt, int sdt,
+                     int64_t G, int64_t H, int64_t E, const float *x, int64_t N, const int64_t *slots,
+                     const int64_t *tok, const float *wt, int64_t P, float *out, char *scratch, int threads) {
+    int quant = is_quant(dt);
+    if (quant && (H % QBLOCK || E % QBLOCK || G % QBLOCK)) return;
     group_t *groups = malloc(sizeof(group_t) * (P + 1));
-    const float **xr = malloc(sizeof(float *) * P);
-    float **hr = malloc(sizeof(float *) * P), **ar = malloc(sizeof(float *) * P), **yr = malloc(sizeof(float *) * P);
-    if (!groups || !xr || !hr || !ar || !yr) goto done;
-    int64_t G = 0, total = 0;
+    void **ptrs = malloc(sizeof(void *) * P * 8);
+    if (!groups || !ptrs) goto done;
+    const float **xr = (const float **)ptrs;
+    float **hr = (float **)(ptrs + P), **ar = (float **)(ptrs + 2 * P), **yr = (float **)(ptrs + 3 * P);
+    int8_t **xq = (int8_t **)(ptrs + 4 * P), **aq = (int8_t **)(ptrs + 5 * P);
+    float **xs = (float **)(ptrs + 6 * P), **as_ = (float **)(ptrs + 7 * P);
+    char *at = scratch;
+    float *h = (float *)carve(&at, P * 3 * E * 4);
+    int8_t *xq_all = NULL, *aq_all = NULL;
+    float *xs_all = NULL, *as_all = NULL;
+    if (quant) {
+        xq_all = (int8_t *)carve(&at, N * H);
+        xs_all = (float *)carve(&at, N * (H / QBLOCK) * 4);
+        aq_all = (int8_t *)carve(&at, P * E);
+        as_all = (float *)carve(&at, P * (E / QBLOCK) * 4);
+    }
+    int64_t Gn = 0, total = 0;
     for (int64_t p = 0; p < P;) {
         int64_t q = p;
         while (q < P && slots[q] == slots[p] && q - p < MAX_ROWS) q++;
-        groups[G] = (group_t){slots[p], p, q - p, total};
+        groups[Gn] = (group_t){slots[p], p, q - p, total};
         total += (2 * E + rows_for((int)(q - p)) - 1) / rows_for((int)(q - p));
-        G++;
+        Gn++;
         p = q;
     }
     for (int64_t p = 0; p < P; p++) {
         xr[p] = x + tok[p] * H;
-        hr[p] = scratch + p * 3 * E; /* [2E] gate and up */
-        ar[p] = hr[p] + 2 * E;       /* [E] activation */
+        hr[p] = h + p * 3 * E; /* [2E] gate and up */
+        ar[p] = hr[p] + 2 * E; /* [E] activation */
         yr[p] = out + tok[p] * H;
+        if (quant) {
+            xq[p] = xq_all + tok[p] * H;
+            xs[p] = xs_all + tok[p] * (H / QBLOCK);
+            aq[p] = aq_all + p * E;
+            as_[p] = as_all + p * (E / QBLOCK);
+        }
     }
+    int64_t es = quant ? 1 : (int64_t)esize(dt);
+    int64_t gu_ld = quant ? H * dt / 8 : H * es, dn_ld = quant ? E * dt / 8 : E * es;
 #pragma omp parallel num_threads(threads)
     {
+        if (quant) {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) quant_row(x + n * H, H, dt, xq_all + n * H, xs_all + n * (H / QBLOCK));
+        }
         int64_t g = 0;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < total; b++) {
-            while (g + 1 < G && groups[g + 1].blocks_before <= b) g++;
+            while (g + 1 < Gn && groups[g + 1].blocks_before <= b) g++;
             while (groups[g].blocks_before > b) g--;
             const group_t *gr = &groups[g];
             int64_t o = (b - gr->blocks_before) * rows_for((int)gr->n);
-            row_block((const char *)gate_up + gr->slot * gu_stride * es, dt, o, 2 * E, H, H * es, xr + gr->first,
-                      (int)gr->n, hr + gr->first, NULL);
+            wmat_t m = {(const char *)gate_up + gr->slot * gu_stride, gu_ld, dt,
+                        quant ? (const char *)gu_scale + gr->slot * gus_stride : NULL, (H / (G ? G : 1)) * esize(sdt),
+                        sdt, G};
+            rows(&m, o, 2 * E, H, xr + gr->first, xq + gr->first, xs + gr->first, (int)gr->n, hr + gr->first, NULL);
         }
+        if (quant) {
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < P * E; j++) {
-            int64_t p = j / E, e = j % E;
-            ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
+            for (int64_t j = 0; j < P * (E / QBLOCK); j++) {
+                int64_t p = j / (E / QBLOCK), e0 = (j % (E / QBLOCK)) * QBLOCK;
+                for (int64_t e = e0; e < e0 + QBLOCK; e++) ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
+                quant_row(ar[p] + e0, QBLOCK, dt, aq[p] + e0, as_[p] + e0 / QBLOCK);
+            }
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < P * E; j++) {
+                int64_t p = j / E, e = j % E;
+                ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
+            }
         }
         int64_t R = 4, blocks = (H + R - 1) / R;
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < blocks; b++) {
-            for (int64_t k = 0; k < G; k++) {
+            for (int64_t k = 0; k < Gn; k++) {
                 const group_t *gr = &groups[k];
-                const char *dw = (const char *)down + gr->slot * dn_stride * es;
+                wmat_t m = {(const char *)down + gr->slot * dn_stride, dn_ld, dt,
+                            quant ? (const char *)dn_scale + gr->slot * dns_stride : NULL,
+                            (E / (G ? G : 1)) * esize(sdt), sdt, G};
                 for (int64_t o = b * R; o < b * R + R && o < H; o += rows_for((int)gr->n))
-                    row_block(dw, dt, o, b * R + R < H ? b * R + R : H, E, E * es,
-                              (const float *const *)ar + gr->first, (int)gr->n, yr + gr->first, wt + gr->first);
+                    rows(&m, o, b * R + R < H ? b * R + R : H, E, (const float *const *)ar + gr->first,
+                         aq + gr->first, as_ + gr->first, (int)gr->n, yr + gr->first, wt + gr->first);
             }
         }
     }
 done:
-    free(groups); free(xr); free(hr); free(ar); free(yr);
+    free(groups); free(ptrs);
 }
