@@ -202,3 +202,21 @@ def test_bad_quantization_is_refused(tiny, tmp_path):
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantized"):
         moelite.load(out, expert_dtype="float32")
+
+
+def test_quantize_command(tiny, tmp_path, capsys):
+    from moelite.cli import main
+
+    src = tiny("qwen2_moe")
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--bits", "4", "--group-size", "channel", "--dense",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["bits"] == 4 and res["group_size"] is None and res["dst_bytes"] < res["src_bytes"]
+    assert moelite.load(tmp_path / "q").stats()["expert_quant"] == "int4 per-channel"
+    for bad, why in ((["--bits", "3"], "invalid choice"), (["--bits", "8", "--group-size", "48"], "multiple of 32")):
+        assert main(["quantize", str(src), str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("moelite: error:") and why in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
+    assert main(["quantize", "--help"]) == 0
+    assert "(default: 32)" in capsys.readouterr().out

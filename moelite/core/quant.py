@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moelite.core import native
@@ -265,7 +264,3 @@ def convert(model: nn.Module, ckpt, spec: QuantSpec | None, rename=lambda n: n) 
         n += 1
     return n
 
-
-def linear_reference(x: torch.Tensor, qw: QWeight) -> torch.Tensor:
-    """F.linear over the dequantized weight (tests)."""
-    return F.linear(x, dequantize(qw))
