@@ -24,4 +24,4 @@ for bits in (8, 4):
         d = json.loads(f.read_text())
         for name, t in d["rows"][0]["texts"].items():
             print(f"\nDemo model, int{bits} experts, {name} ({t.get('tokens')} tokens): " + json.dumps(
-                {k: t[k] for k in t if k in ("ppl", "ppl_exact", "ppl_ratio", "top1_agreement", "kl_per_token")}))
+                {k: t[k] for k in t if k in ("perplexity", "perplexity_exact", "perplexity_ratio", "top1_agreement", "mean_kl")}))
