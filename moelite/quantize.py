@@ -30,7 +30,7 @@ from transformers import AutoConfig
 
 from moelite.core.arch import adapter_for
 from moelite.core.checkpoint import Checkpoint, CheckpointError, TensorInfo
-from moelite.core.expert_store import ExpertLayout
+from moelite.core.expert_store import ExpertLayout, preadv_all
 from moelite.core.model import meta_model, moe_blocks, quiet_transformers_deprecations
 from moelite.core.quant import BITS, QuantSpec, quantize
 
@@ -40,15 +40,11 @@ COPY_PREFIXES = ("tokenizer", "special_tokens", "generation_config", "vocab", "m
 
 def _read(info: TensorInfo) -> torch.Tensor:
     out = torch.empty(info.shape, dtype=info.dtype)
-    raw = memoryview(out.view(-1).view(torch.uint8).numpy())
     fd = os.open(info.file, os.O_RDONLY)
     try:
-        got = 0
-        while got < info.nbytes:
-            n = os.preadv(fd, [raw[got:]], info.offset + got)
-            if n <= 0:
-                raise CheckpointError(f"{info.file.name}: tensor {info.name!r} is truncated")
-            got += n
+        preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
+    except OSError as exc:
+        raise CheckpointError(f"{info.file.name}: tensor {info.name!r} is truncated ({exc})") from exc
     finally:
         os.close(fd)
     return out

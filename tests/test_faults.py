@@ -56,7 +56,7 @@ def test_transient_read_error_is_retried_once(tiny, monkeypatch, one_thread):
     ref = moelite.load(path, expert_budget="100%")
     eng.eos_ids = ref.eos_ids = set()
     want = ref.generate([5, 9, 14, 20], max_tokens=8, temperature=0).token_ids
-    real, calls = expert_store._preadv_all, {"n": 0}
+    real, calls = expert_store.preadv_all, {"n": 0}
 
     def flaky(fd, views, offset):  # every other call fails once, as a transient EIO would
         calls["n"] += 1
@@ -64,7 +64,7 @@ def test_transient_read_error_is_retried_once(tiny, monkeypatch, one_thread):
             raise OSError(errno.EIO, "Input/output error")
         return real(fd, views, offset)
 
-    monkeypatch.setattr(expert_store, "_preadv_all", flaky)
+    monkeypatch.setattr(expert_store, "preadv_all", flaky)
     assert eng.generate([5, 9, 14, 20], max_tokens=8, temperature=0).token_ids == want
     assert calls["n"] > 0 and calls["n"] % 2 == 0 and eng.stats()["expert_misses"] > 0
 

@@ -75,7 +75,7 @@ def test_off_switch():
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear16_equals_float32_linear(rows, bias, monkeypatch):
-    monkeypatch.setattr(dense, "BLOCK", 16)  # several conversion blocks at prefill sizes
+    monkeypatch.setattr(native, "BLOCK", 16)  # several conversion blocks at prefill sizes
     gen = torch.Generator().manual_seed(rows)
     lin = torch.nn.Linear(48, 50, bias=bias)
     with torch.no_grad():

@@ -37,27 +37,12 @@ from moelite.core.quant import SUFFIXES as QUANT_SUFFIXES
 
 #: float32 size below which a dense weight stays float32 (its cost is per call, not reading it)
 SMALL_DENSE_BYTES = 1 << 20
-#: output features converted per block when many rows are multiplied (float32 buffer of BLOCK x in_features)
-BLOCK = 4096
 
 def matmul16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., I], w 16-bit [O, I] -> float32 [..., O] (`Linear16.forward`)."""
-    lead, i = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, i)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n, o = x2.shape[0], w.shape[0]
-    if 0 < n <= native.MAX_ROWS and native.available():
-        y = native.gemv(x2, w)
-    else:
-        y = torch.empty(n, o, dtype=torch.float32)
-        for s in range(0, o if n else 0, BLOCK):
-            e = min(o, s + BLOCK)
-            wf = native.scratch("matmul16", (e - s) * i).view(e - s, i).copy_(w[s:e])
-            torch.mm(x2, wf.t(), out=y[:, s:e])
-    if bias is not None:
-        y += bias
-    return y.view(*lead, o)
+    i = w.shape[1]
+    return native.linear(x, w.shape[0], lambda x2: native.gemv(x2, w),
+                         lambda s, e: native.scratch("matmul16", (e - s) * i).view(e - s, i).copy_(w[s:e]), bias)
 
 
 class Linear16(nn.Module):

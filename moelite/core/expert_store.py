@@ -135,14 +135,14 @@ class ExpertLayout:
                                       "the checkpoint")
             scales = tuple(parts[p] for p in want[3:])
             experts[key] = ExpertTensors(parts["gate"], parts["up"], parts["down"], scales)
-        if packed:
-            return cls._build_quantized(experts, n_experts, quant)
         layers = sorted({k[0] for k in experts})
         for layer in layers:
             have = sorted(e for (l_, e) in experts if l_ == layer)
             if have != list(range(n_experts)):
                 raise CheckpointError(f"layer {layer}: checkpoint holds experts {have[:3]}..{have[-3:]} "
                                       f"({len(have)}), config.json says {n_experts}")
+        if packed:
+            return cls._build_quantized(experts, layers, n_experts, quant)
         first = next(iter(experts.values()))
         inter, hidden = first.gate.shape
         dtype = first.gate.dtype
@@ -156,15 +156,10 @@ class ExpertLayout:
         return cls(experts, layers, n_experts, hidden, inter, dtype)
 
     @classmethod
-    def _build_quantized(cls, experts: dict[Key, ExpertTensors], n_experts: int, q: QuantSpec) -> "ExpertLayout":
+    def _build_quantized(cls, experts: dict[Key, ExpertTensors], layers: list[int], n_experts: int,
+                         q: QuantSpec) -> "ExpertLayout":
         """Packed experts: every expert's packed weights int32 [I, H*b/32], [I, H*b/32], [H, I*b/32] and scales of
         one dtype with the shapes the spec implies; a slot holds their bytes (uint8)."""
-        layers = sorted({k[0] for k in experts})
-        for layer in layers:
-            have = sorted(e for (l_, e) in experts if l_ == layer)
-            if have != list(range(n_experts)):
-                raise CheckpointError(f"layer {layer}: checkpoint holds experts {have[:3]}..{have[-3:]} "
-                                      f"({len(have)}), config.json says {n_experts}")
         first = next(iter(experts.values()))
         inter, hidden = first.gate.shape[0], first.down.shape[0]
         gh, gi = q.group_for(hidden), q.group_for(inter)
@@ -244,7 +239,7 @@ class ExpertReadError(OSError):
     """An expert's bytes could not be read (after one retry); the message names expert, tensors, file and offset."""
 
 
-def _preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> None:
+def preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> None:
     """Fill `views` (one buffer, or several filled in order) from the contiguous file range starting at `offset`."""
     views = [views] if isinstance(views, memoryview) else views
     got = os.preadv(fd, views, offset)
@@ -350,9 +345,9 @@ class ExpertReader:
             views = [raw[dp: dp + n] for dp, n in segs]
             try:
                 try:
-                    _preadv_all(fd, views, offset)
+                    preadv_all(fd, views, offset)
                 except OSError:  # a transient error (EIO, EINTR on a network file system) gets one more try
-                    _preadv_all(fd, views, offset)
+                    preadv_all(fd, views, offset)
             except OSError as exc:
                 names = ", ".join(p.name for p in self.layout.experts[key].parts)
                 err = ExpertReadError(
@@ -402,7 +397,7 @@ class ExpertReader:
         """Read one whole tensor (non-expert weights) with a positional read into a new CPU tensor."""
         out = torch.empty(info.shape, dtype=info.dtype)
         fd = self._fd(info.file)
-        _preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
+        preadv_all(fd, memoryview(out.view(-1).view(torch.uint8).numpy()), info.offset)
         return out
 
     def drop_file_pages(self) -> None:

@@ -48,6 +48,8 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma", "f16c")
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 MAX_ROWS = 8
+#: output features widened per block by `linear` on its many-rows path (float32 buffer of BLOCK x in_features)
+BLOCK = 4096
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _status = "not loaded yet"
@@ -171,6 +173,34 @@ def _check_weight(w: torch.Tensor, name: str) -> int:
     return DTYPES[w.dtype]
 
 
+def _out_alpha(n: int, o: int, out: torch.Tensor | None, alpha: torch.Tensor | None):
+    """The GEMVs' output (a new float32 [n, o] unless given) and alpha as contiguous float32 (None: store)."""
+    if out is None:
+        out = torch.empty(n, o, dtype=torch.float32)
+    return out, None if alpha is None else alpha.to(torch.float32).contiguous()
+
+
+def linear(x: torch.Tensor, out_features: int, decode, widen, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x float32 [..., I] times a stored weight [O, I] -> float32 [..., O] (`dense.Linear16`, `quant.LinearQ`):
+    up to MAX_ROWS rows through `decode(x2)` (a native GEMV) where the kernels run; otherwise `widen(s, e)` gives
+    weight rows s..e as float32 (in a reused buffer), one block of BLOCK rows at a time, for torch.mm."""
+    lead, i = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, i)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    n, o = x2.shape[0], out_features
+    if 0 < n <= MAX_ROWS and available():
+        y = decode(x2)
+    else:
+        y = torch.empty(n, o, dtype=torch.float32)
+        for s in range(0, o if n else 0, BLOCK):
+            e = min(o, s + BLOCK)
+            torch.mm(x2, widen(s, e).t(), out=y[:, s:e])
+    if bias is not None:
+        y += bias
+    return y.view(*lead, o)
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
          alpha: torch.Tensor | None = None) -> torch.Tensor:
     lib = _lib()
@@ -180,12 +210,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
     if not 1 <= n <= MAX_ROWS or x.dtype != torch.float32 or x.stride(1) != 1 or w.shape[1] != i or w.stride(1) != 1:
         raise ValueError(f"gemv: x float32 [N<= {MAX_ROWS}, {i}] unit-stride rows and w [O, {i}] unit-stride rows "
                          f"expected, got x {x.dtype} {list(x.shape)}, w {list(w.shape)}")
-    if out is None:
-        out = torch.empty(n, o, dtype=torch.float32)
-    a = None
-    if alpha is not None:
-        alpha = alpha.to(torch.float32).contiguous()
-        a = alpha.data_ptr()
+    out, alpha = _out_alpha(n, o, out, alpha)
+    a = None if alpha is None else alpha.data_ptr()
     lib.ml_gemv(w.data_ptr(), dt, o, i, w.stride(0), _rows(x), n, _rows(out), a, torch.get_num_threads())
     return out
 
@@ -201,12 +227,8 @@ def qgemv(x: torch.Tensor, qw, out: torch.Tensor | None = None, alpha: torch.Ten
                          f"I (a multiple of 32) expected, got x {x.dtype} {list(x.shape)}, weight in_features "
                          f"{qw.in_features}")
     sdt = _check_weight(qw.scale, "qgemv scales")
-    if out is None:
-        out = torch.empty(n, o, dtype=torch.float32)
-    a = None
-    if alpha is not None:
-        alpha = alpha.to(torch.float32).contiguous()
-        a = alpha.data_ptr()
+    out, alpha = _out_alpha(n, o, out, alpha)
+    a = None if alpha is None else alpha.data_ptr()
     work = scratch("qgemv", lib.ml_qgemv_scratch(n, i), torch.uint8)
     lib.ml_qgemv(qw.packed.data_ptr(), qw.bits, o, i, qw.packed.stride(0), qw.scale.data_ptr(), sdt,
                  qw.scale.stride(0) * qw.scale.element_size(), qw.group, _rows(x), n, _rows(out), a, work.data_ptr(),

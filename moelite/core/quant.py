@@ -35,8 +35,6 @@ from moelite.core.checkpoint import CheckpointError
 
 BITS = (4, 8)
 SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")
-#: rows dequantized per block on the large-input path of LinearQ (float32 buffer of BLOCK x in_features)
-BLOCK = 4096
 
 
 @dataclass(frozen=True)
@@ -183,22 +181,8 @@ def dequant_scratch(qw: QWeight, which: int = 0) -> torch.Tensor:
 
 def matmul_q(x: torch.Tensor, qw: QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x float32 [..., I] @ W.T -> float32 [..., O] (LinearQ.forward)."""
-    lead, i = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, i)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    n, o = x2.shape[0], qw.out_features
-    if 0 < n <= native.MAX_ROWS and native.available():
-        y = native.qgemv(x2, qw)
-    else:
-        y = torch.empty(n, o, dtype=torch.float32)
-        for s in range(0, o if n else 0, BLOCK):
-            e = min(o, s + BLOCK)
-            wf = dequant_scratch(QWeight(qw.packed[s:e], qw.scale[s:e], qw.bits, qw.group))
-            torch.mm(x2, wf.t(), out=y[:, s:e])
-    if bias is not None:
-        y += bias
-    return y.view(*lead, o)
+    return native.linear(x, qw.out_features, lambda x2: native.qgemv(x2, qw),
+                         lambda s, e: dequant_scratch(QWeight(qw.packed[s:e], qw.scale[s:e], qw.bits, qw.group)), bias)
 
 
 class LinearQ(nn.Module):

@@ -24,7 +24,7 @@
 
 #define MAX_ROWS 8
 
-enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 };
+enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 }; /* Q4, Q8: the value is the bits (quant_row takes it as such) */
 #define QBLOCK 32
 #ifndef PREFETCH
 #define PREFETCH 1024
