@@ -1,5 +1,9 @@
 """moelite's native CPU kernels (moelite/core/native.py, native/gemv.c) against torch in float32.
 
+In the AVX-512 build, bf16 weights multiply bf16-rounded activations: the reference rounds them the same way
+(conftest.native_act). Where this CPU runs the AVX-512 build, the AVX2 build is checked too (this file again in a
+subprocess with MOELITE_NATIVE=avx2).
+
 - `gemv` equals x @ w.T for float32, bf16 and fp16 weights, 1 to 8 rows, output and input sizes that are not
   multiples of the kernel's blocks, strided input rows, and in accumulate mode (out += alpha * x @ w.T).
 - `swiglu_pairs` equals SwiGLU experts computed one pair at a time, with a slot used by more tokens than one group
@@ -16,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import swiglu_pairs_reference
+from conftest import native_act, swiglu_pairs_reference
 from moelite.core import dense, native
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native CPU kernels unavailable: {native.status()}")
@@ -30,7 +34,7 @@ def test_gemv_equals_torch(dtype, rows, o, i):
     w = torch.randn(o, i, generator=gen).to(dtype)
     wide = torch.randn(rows, i + 5, generator=gen)
     x = wide[:, 2:i + 2]  # strided rows, each contiguous
-    want = F.linear(x, w.float())
+    want = F.linear(native_act(x, dtype), w.float())
     torch.testing.assert_close(native.gemv(x, w), want, rtol=1e-5, atol=1e-4)
     out = torch.randn(rows, o, generator=gen)
     alpha = torch.rand(rows, generator=gen)
@@ -51,8 +55,23 @@ def test_swiglu_pairs_equals_per_pair(dtype):
     tok = torch.tensor([3] + list(range(11)) + [7])
     w = torch.rand(len(slots), generator=gen)
     out = native.swiglu_pairs(gu, dn, x, slots, tok, w, torch.zeros(N, H))
-    torch.testing.assert_close(out, swiglu_pairs_reference(gu, dn, x, slots, tok, w), rtol=1e-4, atol=1e-5)
+    want = swiglu_pairs_reference(gu, dn, x, slots, tok, w, act=lambda a: native_act(a, dtype))
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
     assert out[11].abs().max() == 0
+
+
+@pytest.mark.skipif(native.variant() != "avx512", reason="this CPU runs the AVX2 build only (tested above)")
+def test_avx2_build_on_an_avx512_cpu():
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "not avx2_build"], capture_output=True, text=True,
+                         env={**os.environ, "MOELITE_NATIVE": "avx2"}, cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "passed" in res.stdout
+
+
+def test_variant_is_reported():
+    assert native.status().startswith("AVX-512" if native.variant() == "avx512" else "AVX2")
+    assert native.bf16_activations() == (native.variant() == "avx512")
 
 
 def test_bad_arguments_are_refused():
@@ -86,4 +105,5 @@ def test_linear16_equals_float32_linear(rows, bias, monkeypatch):
         if bias:
             mod.bias.copy_(lin.bias)
     x = torch.randn(2, rows, 48, generator=gen)
-    torch.testing.assert_close(mod(x), lin(x), rtol=1e-5, atol=1e-5)
+    decode = x.shape[0] * x.shape[1] <= native.MAX_ROWS  # the GEMV kernel; more rows: widened weights, torch.mm
+    torch.testing.assert_close(mod(x), lin(native_act(x, torch.bfloat16) if decode else x), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ Contract:
     Compute is in x's dtype (float32 on CPU) whatever the slots' storage dtype (bf16, fp16 or fp32): a bf16 slot is
     upcast on the fly, so the result equals a float32 reference whose weights are the checkpoint's, up to summation
     order (the exactness tests hold in the checkpoint's dtype).
-  - Kinds: "native" = moelite's AVX2 kernel (`native.swiglu_pairs`, built at first use): each selected slot read once
+  - Kinds: "native" = moelite's AVX2 / AVX-512 kernel (`native.swiglu_pairs`, built at first use): each selected slot read once
     in its storage dtype, converted in registers, one C call per layer with no Python per expert; the fastest where
     it runs (measured: benchmarks/results/cpu_native/). "compiled" = torch.compile (Inductor, C++ codegen) of gather
     + upcast + two reductions over the pairs:
@@ -103,7 +103,7 @@ class ResidentKernel:
         if kind in ("auto", "native"):
             if native.available():
                 self.kind = "native"
-                self.why = (f"moelite's AVX2 kernel ({native.status()}): one call per layer, slots read once in "
+                self.why = (f"moelite's native kernel ({native.status()}): one call per layer, slots read once in "
                             f"their dtype (CPU flags: {' '.join(cpu_flags()) or 'unknown'})")
                 return
             if kind == "native":

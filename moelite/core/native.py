@@ -5,7 +5,12 @@ Contract:
     `moelite info`, `engine.stats()` and the results files). Needs a CPU with AVX2, FMA and F16C and a C compiler
     (`$CC`, else cc / gcc; torch.compile needs one too). The build takes about a second and is cached under
     `$MOELITE_CACHE_DIR` (default ~/.cache/moelite) by a hash of the source and flags, so a process after the
-    first loads it at once. `MOELITE_NATIVE=0` turns it off (then the torch kernels run).
+    first loads it at once. Two builds of the one source: AVX2 (every CPU that runs the kernels), and on CPUs with
+    AVX-512 F/BW/VL, AVX-512 BF16 and AVX-512 VNNI (Zen 4, Sapphire Rapids) an AVX-512 build, chosen by default:
+    there bf16 weights are multiplied with activations rounded to bf16 (vdpbf16ps, float32 accumulation, as
+    llama.cpp's and transformers' bf16 products) and quantized blocks with vpdpbusd. `MOELITE_NATIVE=avx2` keeps
+    the AVX2 build (float32 activations for 16-bit weights), `MOELITE_NATIVE=0` turns the kernels off (then the
+    torch kernels run).
   - `gemv(x, w, out=None, alpha=None)`: x float32 [N, I] (N <= MAX_ROWS, rows contiguous), w [O, I] float32, bf16 or
     fp16 with unit stride along I -> float32 [N, O] = x @ w.T, each weight read once; with `alpha` [N], adds
     alpha[n] * (x[n] @ w.T) into `out` instead.
@@ -46,7 +51,11 @@ log = logging.getLogger("moelite.core.native")
 SOURCE = Path(__file__).with_name("native") / "gemv.c"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC")
 NEEDS = ("avx2", "fma", "f16c")
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+#: the AVX-512 build: its extra compiler flags, and the CPU flags it needs
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni")
+AVX512_NEEDS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni", "avx_vnni",
+          "amx_bf16", "amx_tile")
 MAX_ROWS = 8
 #: output features widened per block by `linear` on its many-rows path (float32 buffer of BLOCK x in_features)
 BLOCK = 4096
@@ -92,16 +101,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MOELITE_CACHE_DIR") or Path.home() / ".cache" / "moelite") / "native"
 
 
-def _build(cc: str) -> Path:
+def variant() -> str:
+    """The build this process uses: "avx512" where the CPU has `AVX512_NEEDS` (unless MOELITE_NATIVE=avx2), else
+    "avx2"."""
+    if os.environ.get("MOELITE_NATIVE") != "avx2" and all(f in cpu_flags() for f in AVX512_NEEDS):
+        return "avx512"
+    return "avx2"
+
+
+def _build(cc: str, which: str) -> Path:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + cc.encode()).hexdigest()[:16]
-    out = cache_dir() / f"gemv-{key}.so"
+    flags = FLAGS + (AVX512_FLAGS if which == "avx512" else ())
+    key = hashlib.sha256(src + " ".join(flags).encode() + cc.encode()).hexdigest()[:16]
+    out = cache_dir() / f"gemv-{which}-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place: no torn file
         part = Path(tmp) / out.name
-        res = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(part), "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(part), "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{Path(cc).name} failed: {res.stderr.strip()[:300]}")
         os.replace(part, out)
@@ -122,8 +140,9 @@ def load() -> ctypes.CDLL | None:
     if cc is None:
         _status = "no C compiler found (set CC)"
         return None
+    which = variant()
     try:
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(_build(cc, which)))
     except (OSError, RuntimeError) as exc:
         _status = f"build failed: {exc}"
         log.warning("native CPU kernels: %s", _status)
@@ -140,7 +159,10 @@ def load() -> ctypes.CDLL | None:
     lib.ml_swiglu_pairs.restype = None
     lib.ml_swiglu_scratch.argtypes = [i64, i64, i64, i64]
     lib.ml_swiglu_scratch.restype = i64
-    _status = "AVX2 kernels built with " + Path(cc).name
+    lib.ml_bf16_dot.argtypes = []
+    lib.ml_bf16_dot.restype = i32
+    _status = (("AVX-512 kernels (bf16 dot products with bf16-rounded activations, VNNI int8)" if which == "avx512"
+                else "AVX2 kernels") + " built with " + Path(cc).name)
     return lib
 
 
@@ -151,6 +173,12 @@ def status() -> str:
 
 def available() -> bool:
     return load() is not None
+
+
+def bf16_activations() -> bool:
+    """Whether bf16 weights are multiplied with bf16-rounded activations (the AVX-512 build) rather than float32."""
+    lib = load()
+    return bool(lib is not None and lib.ml_bf16_dot())
 
 
 def _lib() -> ctypes.CDLL:

@@ -18,11 +18,26 @@
    output. Threads: OpenMP, `threads` given by the caller (torch.get_num_threads()), split over output features. */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_ROWS 8
+
+/* Built twice by native.py: with AVX2 only, and (on CPUs that have them) with AVX-512 F/BW/VL, AVX-512 BF16 and
+   AVX-512 VNNI. The second build multiplies bf16 weights with bf16-rounded activations (vdpbf16ps, float32
+   accumulation: the numerics of llama.cpp's and transformers' bf16 products) and quantized blocks with vpdpbusd. */
+#if defined(__AVX512BF16__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define BF16DOT 1
+#else
+#define BF16DOT 0
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define VNNI 1
+#else
+#define VNNI 0
+#endif
 
 enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 }; /* Q4, Q8: the value is the bits (quant_row takes it as such) */
 #define QBLOCK 32
@@ -104,24 +119,93 @@ static inline void store(float *const *y, const float *alpha, int64_t o, const f
 /* Weight rows per block for N input rows: enough independent accumulators, at most 8 of them. */
 static inline int rows_for(int N) { return N <= 2 ? 4 : N <= 4 ? 2 : 1; }
 
+static inline float bf16_to_f32(uint16_t v) {
+    uint32_t b = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* A row of activations rounded to bf16 (round to nearest even), for the bf16 dot-product kernel. */
+static void to_bf16(const float *x, int64_t I, uint16_t *xb) {
+    int64_t i = 0;
+#if BF16DOT
+    for (; i + 32 <= I; i += 32)
+        _mm512_storeu_si512((__m512i *)(xb + i),
+                            (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i)));
+#endif
+    for (; i < I; i++) {
+        uint32_t b;
+        memcpy(&b, x + i, 4);
+        b += 0x7FFF + ((b >> 16) & 1);
+        xb[i] = (uint16_t)(b >> 16);
+    }
+}
+
+#if BF16DOT
+/* `block` for bf16 weights against bf16 activation rows xb: vdpbf16ps, 32 weights per instruction. */
+static inline __attribute__((always_inline)) void block_bf(const char *w0, int64_t ldw_bytes, int64_t I,
+                                                           const uint16_t *const *xb, int R, int N, float *res) {
+    __m512 acc[8], acc2[8];
+    for (int k = 0; k < 8; k++) acc[k] = acc2[k] = _mm512_setzero_ps();
+    int64_t i = 0;
+    if (N == 1) {
+        for (; i + 64 <= I; i += 64) {
+            __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb[0] + i), x1 = (__m512bh)_mm512_loadu_si512(xb[0] + i + 32);
+            for (int r = 0; r < R; r++) {
+                const uint16_t *wr = (const uint16_t *)(w0 + r * ldw_bytes) + i;
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(wr), x0);
+                acc2[r] = _mm512_dpbf16_ps(acc2[r], (__m512bh)_mm512_loadu_si512(wr + 32), x1);
+            }
+        }
+    }
+    for (; i + 32 <= I; i += 32) {
+        for (int r = 0; r < R; r++) {
+            __m512bh wv = (__m512bh)_mm512_loadu_si512((const uint16_t *)(w0 + r * ldw_bytes) + i);
+            for (int n = 0; n < N; n++)
+                acc[r * N + n] = _mm512_dpbf16_ps(acc[r * N + n], wv, (__m512bh)_mm512_loadu_si512(xb[n] + i));
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int n = 0; n < N; n++) {
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r * N + n], acc2[r * N + n]));
+            const uint16_t *wr = (const uint16_t *)(w0 + r * ldw_bytes);
+            for (int64_t j = i; j < I; j++) s += bf16_to_f32(wr[j]) * bf16_to_f32(xb[n][j]);
+            res[r * N + n] = s;
+        }
+}
+#define BLOCK(W, LD, DT, I, X, XB, R, N, RES)                                                                   \
+    do {                                                                                                         \
+        if ((DT) == BF16 && (XB)) block_bf(W, LD, I, XB, R, N, RES);                                             \
+        else block(W, LD, DT, I, X, R, N, RES);                                                                  \
+    } while (0)
+#else
+#define BLOCK(W, LD, DT, I, X, XB, R, N, RES) block(W, LD, DT, I, X, R, N, RES)
+#endif
+
 /* Rows [o, o + rows_for(N)) of w (clipped at O) against N input rows, stored through `store`. */
 #define CASE(NN)                                                                                                 \
     case NN:                                                                                                     \
         if (o + rows_for(NN) <= O) {                                                                             \
-            block(w + o * ldw_b, ldw_b, dt, I, x, rows_for(NN), NN, res);                                        \
+            BLOCK(w + o * ldw_b, ldw_b, dt, I, x, xb, rows_for(NN), NN, res);                                   \
             for (int r = 0; r < rows_for(NN); r++) store(y, alpha, o + r, res + r * NN, NN);                     \
         } else                                                                                                   \
             for (; o < O; o++) {                                                                                 \
-                block(w + o * ldw_b, ldw_b, dt, I, x, 1, NN, res);                                               \
+                BLOCK(w + o * ldw_b, ldw_b, dt, I, x, xb, 1, NN, res);                                          \
                 store(y, alpha, o, res, NN);                                                                     \
             }                                                                                                    \
         break;
 
+/* xb: the rows of x rounded to bf16 (NULL: not used); bf16 weights use them where this build has BF16DOT. */
 static void row_block(const char *w, int dt, int64_t o, int64_t O, int64_t I, int64_t ldw_b, const float *const *x,
-                      int N, float *const *y, const float *alpha) {
+                      const uint16_t *const *xb, int N, float *const *y, const float *alpha) {
     float res[8];
+    (void)xb;
     switch (N) { CASE(1) CASE(2) CASE(3) CASE(4) CASE(5) CASE(6) CASE(7) CASE(8) }
 }
+
+/* Whether bf16 weights of this build take bf16 activations (1: the AVX-512 BF16 build). */
+int ml_bf16_dot(void) { return BF16DOT; }
 
 /* y[n] = w @ x[n] (alpha NULL) or y[n] += alpha[n] * (w @ x[n]); w [O, I] with row stride ldw (elements),
    N <= MAX_ROWS. */
@@ -129,8 +213,18 @@ void ml_gemv(const void *w, int dt, int64_t O, int64_t I, int64_t ldw, const flo
              float *const *y, const float *alpha, int threads) {
     if (N < 1 || N > MAX_ROWS) return;
     int64_t R = rows_for(N), blocks = (O + R - 1) / R, ldw_b = ldw * (int64_t)esize(dt);
+    uint16_t *xb[MAX_ROWS], *buf = NULL;
+    int use_bf = BF16DOT && dt == BF16;
+    if (use_bf) {
+        buf = malloc(sizeof(uint16_t) * N * I);
+        if (!buf) return;
+        for (int n = 0; n < N; n++) to_bf16(x[n], I, xb[n] = buf + n * I);
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) row_block((const char *)w, dt, b * R, O, I, ldw_b, x, N, y, alpha);
+    for (int64_t b = 0; b < blocks; b++)
+        row_block((const char *)w, dt, b * R, O, I, ldw_b, x, use_bf ? (const uint16_t *const *)xb : NULL, N, y,
+                  alpha);
+    free(buf);
 }
 
 /* ---- quantized weights ------------------------------------------------------------------------------------------- */
@@ -149,14 +243,15 @@ typedef struct {
 static inline int is_quant(int dt) { return dt == Q4 || dt == Q8; }
 
 /* One row of activations quantized: q[i] int8 in blocks of 32 (4-bit weights: each block's even elements, then its
-   odd ones), s[i / 32] the block's scale (max |x| / 127). */
+   odd ones); per block two floats: s[2b] the block's scale d (max |x| / 127) and s[2b + 1] = d * bias * sum(q),
+   bias = the offset of the stored weights (128 for 8-bit, 8 for 4-bit), which the VNNI kernel takes off once per
+   block instead of re-signing every byte. */
 static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) {
     for (int64_t b = 0; b < I / QBLOCK; b++) {
         const float *xb = x + b * QBLOCK;
         float amax = 0.0f;
         for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        s[b] = d;
         int8_t *qb = q + b * QBLOCK;
         if (bits == 4)
             for (int k = 0; k < QBLOCK / 2; k++) {
@@ -165,9 +260,21 @@ static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) 
             }
         else
             for (int k = 0; k < QBLOCK; k++) qb[k] = (int8_t)lrintf(xb[k] * id);
+        int sum = 0;
+        for (int k = 0; k < QBLOCK; k++) sum += qb[k];
+        s[2 * b] = d;
+        s[2 * b + 1] = d * (float)(bits == 4 ? 8 : 128) * (float)sum;
     }
 }
 
+#if VNNI
+/* 32 weights of row `wr` from element i as stored (unsigned: q + 128, or q + 8 for 4-bit). */
+static inline __m256i qload_u(const uint8_t *wr, int64_t i, int dt) {
+    if (dt == Q8) return _mm256_loadu_si256((const __m256i *)(wr + i));
+    __m128i v = _mm_loadu_si128((const __m128i *)(wr + i / 2)), m = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), m), _mm_and_si128(v, m));
+}
+#else
 /* 32 signed weights of row `wr` starting at element i. */
 static inline __m256i qload(const uint8_t *wr, int64_t i, int dt) {
     if (dt == Q8) return _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wr + i)), _mm256_set1_epi8((char)0x80));
@@ -175,30 +282,48 @@ static inline __m256i qload(const uint8_t *wr, int64_t i, int dt) {
     __m128i lo = _mm_and_si128(v, m), hi = _mm_and_si128(_mm_srli_epi16(v, 4), m);
     return _mm256_sub_epi8(_mm256_set_m128i(hi, lo), _mm256_set1_epi8(8));
 }
+#endif
 
-/* R quantized weight rows (o .. o+R-1) against N quantized activation rows: res[r * N + n]. */
+/* R quantized weight rows (o .. o+R-1) against N quantized activation rows: res[r * N + n]. VNNI: one vpdpbusd of
+   the stored (unsigned) bytes and the int8 activations per block, less the block's bias term; AVX2: the bytes are
+   re-signed and multiplied with maddubs + madd. */
 static inline __attribute__((always_inline)) void qblock(const wmat_t *m, int64_t o, int64_t I,
                                                          int8_t *const *xq, float *const *xs, int R, int N,
                                                          float *res) {
     __m256 acc[8];
+    float corr[8] = {0};
     for (int k = 0; k < 8; k++) acc[k] = _mm256_setzero_ps();
+#if !VNNI
     const __m256i ones = _mm256_set1_epi16(1);
+#endif
     for (int64_t i = 0; i < I; i += QBLOCK) {
         int64_t b = i / QBLOCK;
         for (int r = 0; r < R; r++) {
             const uint8_t *wr = (const uint8_t *)m->w + (o + r) * m->ldw;
             _mm_prefetch((const char *)wr + i * m->dt / 8 + PREFETCH, _MM_HINT_T0);
+            float ws = load1(m->s + (o + r) * m->lds, i / m->G, m->sdt);
+#if VNNI
+            __m256i u = qload_u(wr, i, m->dt);
+            for (int n = 0; n < N; n++) {
+                __m256i d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), u,
+                                                _mm256_loadu_si256((const __m256i *)(xq[n] + i)));
+                acc[r * N + n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws * xs[n][2 * b]),
+                                                 acc[r * N + n]);
+                corr[r * N + n] += ws * xs[n][2 * b + 1];
+            }
+#else
             __m256i q = qload(wr, i, m->dt);
             __m256i aq = _mm256_sign_epi8(q, q);
-            float ws = load1(m->s + (o + r) * m->lds, i / m->G, m->sdt);
             for (int n = 0; n < N; n++) {
                 __m256i xv = _mm256_loadu_si256((const __m256i *)(xq[n] + i));
                 __m256i d = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(xv, q)), ones);
-                acc[r * N + n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws * xs[n][b]), acc[r * N + n]);
+                acc[r * N + n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(ws * xs[n][2 * b]),
+                                                 acc[r * N + n]);
             }
+#endif
         }
     }
-    for (int k = 0; k < R * N; k++) res[k] = hsum(acc[k]);
+    for (int k = 0; k < R * N; k++) res[k] = hsum(acc[k]) - corr[k];
 }
 
 #define QCASE(NN)                                                                                                \
@@ -219,15 +344,17 @@ static void qrow_block(const wmat_t *m, int64_t o, int64_t O, int64_t I, int8_t 
     switch (N) { QCASE(1) QCASE(2) QCASE(3) QCASE(4) QCASE(5) QCASE(6) QCASE(7) QCASE(8) }
 }
 
-/* Rows [o, o + rows_for(N)) (clipped at O) of any weight matrix: float rows x, or quantized rows xq / xs. */
-static inline void rows(const wmat_t *m, int64_t o, int64_t O, int64_t I, const float *const *x, int8_t *const *xq,
-                        float *const *xs, int N, float *const *y, const float *alpha) {
+/* Rows [o, o + rows_for(N)) (clipped at O) of any weight matrix: float rows x (and their bf16 copies xb, or NULL),
+   or quantized rows xq / xs. */
+static inline void rows(const wmat_t *m, int64_t o, int64_t O, int64_t I, const float *const *x,
+                        const uint16_t *const *xb, int8_t *const *xq, float *const *xs, int N, float *const *y,
+                        const float *alpha) {
     if (is_quant(m->dt)) qrow_block(m, o, O, I, xq, xs, N, y, alpha);
-    else row_block(m->w, m->dt, o, O, I, m->ldw, x, N, y, alpha);
+    else row_block(m->w, m->dt, o, O, I, m->ldw, x, xb, N, y, alpha);
 }
 
 /* Bytes of scratch ml_qgemv needs for N rows of I inputs. */
-int64_t ml_qgemv_scratch(int64_t N, int64_t I) { return N * I + N * (I / QBLOCK) * 4 + 64; }
+int64_t ml_qgemv_scratch(int64_t N, int64_t I) { return N * I + N * (I / QBLOCK) * 8 + 64; }
 
 /* ml_gemv for quantized weights (dt Q8 or Q4; I a multiple of 32 and of G): the rows of x are quantized into
    `scratch` (ml_qgemv_scratch bytes) first. */
@@ -241,7 +368,7 @@ void ml_qgemv(const void *w, int dt, int64_t O, int64_t I, int64_t ldw_b, const 
     float *sbase = (float *)(((uintptr_t)scratch + N * I + 63) & ~(uintptr_t)63);
     for (int n = 0; n < N; n++) {
         xq[n] = (int8_t *)scratch + n * I;
-        xs[n] = sbase + n * (I / QBLOCK);
+        xs[n] = sbase + n * 2 * (I / QBLOCK);
         quant_row(x[n], I, dt, xq[n], xs[n]);
     }
     int64_t R = rows_for(N), blocks = (O + R - 1) / R;
@@ -257,7 +384,8 @@ typedef struct {
 
 /* Bytes of scratch ml_swiglu_pairs needs for P pairs over N tokens. */
 int64_t ml_swiglu_scratch(int64_t P, int64_t N, int64_t H, int64_t E) {
-    return P * 3 * E * 4 + N * H + N * (H / QBLOCK) * 4 + P * E + P * (E / QBLOCK) * 4 + 5 * 64;
+    return P * 3 * E * 4 + N * H + N * (H / QBLOCK) * 8 + P * E + P * (E / QBLOCK) * 8 + N * H * 2 + P * E * 2
+           + 7 * 64;
 }
 
 static char *carve(char **at, int64_t bytes) {
@@ -271,32 +399,40 @@ static char *carve(char **at, int64_t bytes) {
        out[tok[p]] += wt[p] * down[s] @ (silu(gate[s] @ x[tok[p]]) * (up[s] @ x[tok[p]]))
    gate_up: slot s at gate_up + s * gu_stride bytes, [2E, H] (gate rows first); down: [H, E] at s * dn_stride bytes.
    Quantized (dt Q8/Q4): their scales at gu_scale + s * gus_stride ([2E, H/G]) and dn_scale + s * dns_stride
-   ([H, E/G]), in sdt; x [N, H] is quantized first, and so are the activations. scratch: ml_swiglu_scratch bytes.
+   ([H, E/G]), in sdt; x [N, H] is quantized first, and so are the activations. bf16 slots in the BF16DOT build: x
+   and the activations are rounded to bf16. scratch: ml_swiglu_scratch bytes.
    Three phases over every thread, two barriers in all: the gate/up rows of every group (one work list, so the reads
    stream without a pause per expert), the activations, then the down rows: each thread owns a range of output
-   features across all groups, so accumulating into `out` needs no lock. */
+   features across all groups (no lock to accumulate into `out`) and reads its range of each group's rows, one
+   group after the other (one contiguous stretch of memory per group, which the hardware prefetcher follows). */
 void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scale, int64_t gus_stride,
                      const void *down, int64_t dn_stride, const void *dn_scale, int64_t dns_stride, int dt, int sdt,
                      int64_t G, int64_t H, int64_t E, const float *x, int64_t N, const int64_t *slots,
                      const int64_t *tok, const float *wt, int64_t P, float *out, char *scratch, int threads) {
-    int quant = is_quant(dt);
+    int quant = is_quant(dt), use_bf = BF16DOT && dt == BF16;
     if (quant && (H % QBLOCK || E % QBLOCK || G % QBLOCK)) return;
     group_t *groups = malloc(sizeof(group_t) * (P + 1));
-    void **ptrs = malloc(sizeof(void *) * P * 8);
+    void **ptrs = malloc(sizeof(void *) * P * 10);
     if (!groups || !ptrs) goto done;
     const float **xr = (const float **)ptrs;
     float **hr = (float **)(ptrs + P), **ar = (float **)(ptrs + 2 * P), **yr = (float **)(ptrs + 3 * P);
     int8_t **xq = (int8_t **)(ptrs + 4 * P), **aq = (int8_t **)(ptrs + 5 * P);
     float **xs = (float **)(ptrs + 6 * P), **as_ = (float **)(ptrs + 7 * P);
+    uint16_t **xbr = (uint16_t **)(ptrs + 8 * P), **abr = (uint16_t **)(ptrs + 9 * P);
     char *at = scratch;
     float *h = (float *)carve(&at, P * 3 * E * 4);
     int8_t *xq_all = NULL, *aq_all = NULL;
     float *xs_all = NULL, *as_all = NULL;
+    uint16_t *xb_all = NULL, *ab_all = NULL;
     if (quant) {
         xq_all = (int8_t *)carve(&at, N * H);
-        xs_all = (float *)carve(&at, N * (H / QBLOCK) * 4);
+        xs_all = (float *)carve(&at, N * (H / QBLOCK) * 8);
         aq_all = (int8_t *)carve(&at, P * E);
-        as_all = (float *)carve(&at, P * (E / QBLOCK) * 4);
+        as_all = (float *)carve(&at, P * (E / QBLOCK) * 8);
+    }
+    if (use_bf) {
+        xb_all = (uint16_t *)carve(&at, N * H * 2);
+        ab_all = (uint16_t *)carve(&at, P * E * 2);
     }
     int64_t Gn = 0, total = 0;
     for (int64_t p = 0; p < P;) {
@@ -314,10 +450,12 @@ void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scal
         yr[p] = out + tok[p] * H;
         if (quant) {
             xq[p] = xq_all + tok[p] * H;
-            xs[p] = xs_all + tok[p] * (H / QBLOCK);
+            xs[p] = xs_all + tok[p] * 2 * (H / QBLOCK);
             aq[p] = aq_all + p * E;
-            as_[p] = as_all + p * (E / QBLOCK);
+            as_[p] = as_all + p * 2 * (E / QBLOCK);
         }
+        xbr[p] = use_bf ? xb_all + tok[p] * H : NULL;
+        abr[p] = use_bf ? ab_all + p * E : NULL;
     }
     int64_t es = quant ? 1 : (int64_t)esize(dt);
     int64_t gu_ld = quant ? H * dt / 8 : H * es, dn_ld = quant ? E * dt / 8 : E * es;
@@ -325,7 +463,10 @@ void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scal
     {
         if (quant) {
 #pragma omp for schedule(static)
-            for (int64_t n = 0; n < N; n++) quant_row(x + n * H, H, dt, xq_all + n * H, xs_all + n * (H / QBLOCK));
+            for (int64_t n = 0; n < N; n++) quant_row(x + n * H, H, dt, xq_all + n * H, xs_all + n * 2 * (H / QBLOCK));
+        } else if (use_bf) {
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < N; n++) to_bf16(x + n * H, H, xb_all + n * H);
         }
         int64_t g = 0;
 #pragma omp for schedule(static)
@@ -337,34 +478,37 @@ void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scal
             wmat_t m = {(const char *)gate_up + gr->slot * gu_stride, gu_ld, dt,
                         quant ? (const char *)gu_scale + gr->slot * gus_stride : NULL, (H / (G ? G : 1)) * esize(sdt),
                         sdt, G};
-            rows(&m, o, 2 * E, H, xr + gr->first, xq + gr->first, xs + gr->first, (int)gr->n, hr + gr->first, NULL);
+            rows(&m, o, 2 * E, H, xr + gr->first, use_bf ? (const uint16_t *const *)xbr + gr->first : NULL,
+                 xq + gr->first, xs + gr->first, (int)gr->n, hr + gr->first, NULL);
         }
         if (quant) {
 #pragma omp for schedule(static)
             for (int64_t j = 0; j < P * (E / QBLOCK); j++) {
                 int64_t p = j / (E / QBLOCK), e0 = (j % (E / QBLOCK)) * QBLOCK;
                 for (int64_t e = e0; e < e0 + QBLOCK; e++) ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
-                quant_row(ar[p] + e0, QBLOCK, dt, aq[p] + e0, as_[p] + e0 / QBLOCK);
+                quant_row(ar[p] + e0, QBLOCK, dt, aq[p] + e0, as_[p] + 2 * (e0 / QBLOCK));
             }
         } else {
 #pragma omp for schedule(static)
-            for (int64_t j = 0; j < P * E; j++) {
-                int64_t p = j / E, e = j % E;
-                ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
+            for (int64_t j = 0; j < P * (E / 32 + 1); j++) {
+                int64_t p = j / (E / 32 + 1), e0 = (j % (E / 32 + 1)) * 32, e1 = e0 + 32 < E ? e0 + 32 : E;
+                for (int64_t e = e0; e < e1; e++) ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
+                if (use_bf && e1 > e0) to_bf16(ar[p] + e0, e1 - e0, abr[p] + e0);
             }
         }
         int64_t R = 4, blocks = (H + R - 1) / R;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            for (int64_t k = 0; k < Gn; k++) {
-                const group_t *gr = &groups[k];
-                wmat_t m = {(const char *)down + gr->slot * dn_stride, dn_ld, dt,
-                            quant ? (const char *)dn_scale + gr->slot * dns_stride : NULL,
-                            (E / (G ? G : 1)) * esize(sdt), sdt, G};
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        int64_t b0 = blocks * t / nt, b1 = blocks * (t + 1) / nt;
+        for (int64_t k = 0; k < Gn; k++) {
+            const group_t *gr = &groups[k];
+            wmat_t m = {(const char *)down + gr->slot * dn_stride, dn_ld, dt,
+                        quant ? (const char *)dn_scale + gr->slot * dns_stride : NULL,
+                        (E / (G ? G : 1)) * esize(sdt), sdt, G};
+            for (int64_t b = b0; b < b1; b++)
                 for (int64_t o = b * R; o < b * R + R && o < H; o += rows_for((int)gr->n))
                     rows(&m, o, b * R + R < H ? b * R + R : H, E, (const float *const *)ar + gr->first,
-                         aq + gr->first, as_ + gr->first, (int)gr->n, yr + gr->first, wt + gr->first);
-            }
+                         use_bf ? (const uint16_t *const *)abr + gr->first : NULL, aq + gr->first,
+                         as_ + gr->first, (int)gr->n, yr + gr->first, wt + gr->first);
         }
     }
 done:
