@@ -107,3 +107,52 @@ def test_linear16_equals_float32_linear(rows, bias, monkeypatch):
     x = torch.randn(2, rows, 48, generator=gen)
     decode = x.shape[0] * x.shape[1] <= native.MAX_ROWS  # the GEMV kernel; more rows: widened weights, torch.mm
     torch.testing.assert_close(mod(x), lin(native_act(x, torch.bfloat16) if decode else x), rtol=1e-5, atol=1e-5)
+
+
+class _Attn(torch.nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = make(64, 96), make(64, 32), make(64, 32)
+
+    def forward(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+
+def _linear16(i, o):
+    m = dense.Linear16(i, o, True, torch.bfloat16)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(o, i))
+        m.bias.copy_(torch.randn(o))
+    return m
+
+
+def _linearq(i, o):
+    from moelite.core import quant
+
+    packed, scale = quant.quantize(torch.randn(o, i).bfloat16(), 8, 32)
+    m = quant.LinearQ(i, o, False, 8, 32, torch.bfloat16)
+    with torch.no_grad():
+        m.weight_packed.copy_(packed)
+        m.weight_scale.copy_(scale)
+    return m
+
+
+@pytest.mark.parametrize("make", [_linear16, _linearq])
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_fused_qkv_equals_separate_projections(make, rows):
+    torch.manual_seed(rows)
+    attn = _Attn(make)
+    x = torch.randn(1, rows, 64)
+    want = [t.clone() for t in attn(x)]
+    assert dense.fuse_projections(attn) == 1
+    fused = attn.q_proj.forward.func.__self__
+    calls, decode = [], fused.decode
+    fused.decode = lambda x2: (calls.append(x2.shape[0]), decode(x2))[1]
+    for got, exp in zip(attn(x), want):
+        torch.testing.assert_close(got, exp)
+    assert calls == ([rows] if rows <= native.MAX_ROWS else [])  # one native call for the three at decode
+    y = torch.randn(1, rows, 64)  # k alone, on another input: its own part, not the kept one
+    k_alone = attn.k_proj(y)
+    attn2 = _Attn(make)
+    attn2.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(k_alone, attn2.k_proj(y))

@@ -14,6 +14,11 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
   - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16 (shared experts, dense
     MLP layers) gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
     call (`native.swiglu_pairs` over a single slot) instead of three products and two elementwise ops.
+  - `fuse_projections(model)`: after loading, the q/k/v projections of an attention module (all Linear16 of one
+    dtype, or all `quant.LinearQ` of one scheme; biases all or none) get their weights in one block, so that at
+    decode one native call computes the three: q_proj's call computes them and keeps k and v for k_proj's and
+    v_proj's calls on the same input tensor object (attention modules project one hidden state, unchanged between
+    the three calls); any other call computes its own part.
   - `convert(model, dtype, min_bytes)`: swaps nn.Linear / nn.Embedding modules whose float32 weight has at least
     `min_bytes` for the 16-bit ones, on the meta device before weights are loaded (so the float32 copy never exists);
     tied embeddings stay tied. Small layers keep float32: their cost is per call, not the bytes.
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moelite.core import native
+from moelite.core import native, quant
 from moelite.core.cpu_kernels import is_silu
 from moelite.core.quant import SUFFIXES as QUANT_SUFFIXES
 
@@ -144,5 +149,82 @@ def fuse_swiglu(model: nn.Module) -> int:
         g.weight = nn.Parameter(gate_up[:i], requires_grad=False)
         u.weight = nn.Parameter(gate_up[i:], requires_grad=False)
         mod.forward = partial(_fused_swiglu_forward, mod, gate_up.view(1, 2 * i, h), d.weight.view(1, h, i))
+        n += 1
+    return n
+
+
+class _Fused:
+    """Several projections of one input (q, k, v) in one weight block: the first part's call at decode computes
+    every part, later parts' calls on the same tensor take theirs (see `fuse_projections`)."""
+
+    def __init__(self, mods: list[nn.Module], decode, bias: torch.Tensor | None):
+        self.forwards = [m.forward for m in mods]  # each part's own product: prefill, or another input
+        self.bounds, o = [], 0
+        for m in mods:
+            self.bounds.append((o, o + m.out_features))
+            o += m.out_features
+        self.decode, self.bias, self.kept, self.x = decode, bias, None, None
+
+    def forward(self, part: int, x: torch.Tensor) -> torch.Tensor:
+        lead, i = x.shape[:-1], x.shape[-1]
+        n = x.numel() // i if i else 0
+        if not 0 < n <= native.MAX_ROWS:
+            return self.forwards[part](x)
+        if part and self.x is x and self.kept is not None and self.kept[part] is not None:
+            y = self.kept[part]
+            self.kept[part] = None
+        else:
+            x2 = x.reshape(n, i)
+            y_all = self.decode(x2 if x2.stride(-1) == 1 else x2.contiguous())
+            if self.bias is not None:
+                y_all += self.bias
+            self.kept = [y_all[:, a:b] for a, b in self.bounds]
+            self.x = x
+            y = self.kept[part]
+            self.kept[part] = None
+        if all(k is None for k in self.kept):
+            self.kept, self.x = None, None  # every part taken: hold no tensor
+        return y.contiguous().view(*lead, y.shape[-1])
+
+
+def fuse_projections(model: nn.Module, names=("q_proj", "k_proj", "v_proj")) -> int:
+    """One weight block and one native call at decode for the q/k/v projections of each attention module (see the
+    contract); returns how many modules were fused."""
+    if not native.available():
+        return 0
+    n = 0
+    for mod in model.modules():
+        parts = [getattr(mod, k, None) for k in names]
+        if all(type(p) is Linear16 for p in parts):
+            ws = [p.weight for p in parts]
+            if len({w.dtype for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1:
+                continue
+            with torch.no_grad():
+                fused = torch.cat(ws)
+            o = 0
+            for p in parts:
+                p.weight = nn.Parameter(fused[o:o + p.out_features], requires_grad=False)
+                o += p.out_features
+            decode = partial(native.gemv, w=fused)
+        elif all(type(p) is quant.LinearQ for p in parts):
+            if len({(p.bits, p.group, p.in_features, p.weight_scale.dtype) for p in parts}) != 1:
+                continue
+            with torch.no_grad():
+                packed, scale = torch.cat([p.weight_packed for p in parts]), torch.cat([p.weight_scale for p in parts])
+            o = 0
+            for p in parts:
+                p.weight_packed, p.weight_scale = packed[o:o + p.out_features], scale[o:o + p.out_features]
+                o += p.out_features
+            qw = quant.QWeight(packed.view(torch.uint8), scale, parts[0].bits, parts[0].group)
+            decode = partial(native.qgemv, qw=qw)
+        else:
+            continue
+        has_bias = [p.bias is not None for p in parts]
+        if any(has_bias) and not all(has_bias):
+            continue
+        bias = torch.cat([p.bias for p in parts]) if all(has_bias) else None
+        fused_mod = _Fused(parts, decode, bias)
+        for k, p in enumerate(parts):
+            p.forward = partial(fused_mod.forward, k)
         n += 1
     return n

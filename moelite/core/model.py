@@ -125,6 +125,7 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if dense16 is not None:
         dense.fuse_swiglu(model)
+    dense.fuse_projections(model)  # q/k/v in one native call at decode (16-bit or quantized dense weights)
 
     wrapped = {i: OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k) for i in sorted(blocks)}
     for i, block in wrapped.items():
