@@ -67,3 +67,23 @@ def test_budget_that_cannot_fit_is_refused_at_load_with_the_largest_that_fits(ti
                                          r"most that, or expert_budget='auto'"):
         moelite.load(path, expert_budget="50%")
     assert moelite.load(path, expert_budget=10 * slot).pool.n_slots == 10  # exactly what fits is accepted
+
+
+def test_cgroup_room_reads_this_process_cgroup_and_its_ancestors(tmp_path):
+    """The limit of the process's own cgroup (not the hierarchy's root) counts, and so does a tighter ancestor's."""
+    v1 = tmp_path / "v1"
+    for rel, limit, usage in (("", 1 << 62, 5 << 30), ("bench", 4 << 30, 1 << 30), ("bench/job", 1 << 62, 1 << 30)):
+        d = v1 / "memory" / rel
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (d / "memory.usage_in_bytes").write_text(f"{usage}\n")
+    text = "4:memory:/bench/job\n3:cpuset:/\n"
+    assert memory._cgroup_room(text, v1) == 3 << 30  # the parent's 4 GiB limit minus its usage
+    assert memory._cgroup_room("4:memory:/\n", v1) is None  # the root has no limit
+    v2 = tmp_path / "v2"
+    (v2 / "svc").mkdir(parents=True)
+    (v2 / "svc" / "memory.max").write_text("max\n")
+    (v2 / "svc" / "memory.current").write_text("100\n")
+    (v2 / "memory.max").write_text(f"{2 << 30}\n")
+    (v2 / "memory.current").write_text(f"{1 << 30}\n")
+    assert memory._cgroup_room("0::/svc\n", v2) == 1 << 30

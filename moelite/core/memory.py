@@ -39,19 +39,45 @@ def _meminfo_available() -> int:
         return 0
 
 
-def _cgroup_room() -> int | None:
-    """Limit minus usage of this process's memory cgroup, or None when no limit applies."""
-    for limit_f, usage_f in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                             ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                              "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+def _cgroup_dirs(proc_cgroup: str, root: Path) -> list[tuple[Path, str, str]]:
+    """(folder, limit file, usage file) of this process's memory cgroup and each of its ancestors, innermost first,
+    from /proc/self/cgroup's text: cgroup v1's memory controller, and cgroup v2's unified hierarchy."""
+    out = []
+    for line in proc_cgroup.splitlines():
+        hid, _, rest = line.partition(":")
+        controllers, _, rel = rest.partition(":")
+        if "memory" in controllers.split(","):
+            base, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        elif hid == "0" and controllers == "":
+            base = root / "unified" if (root / "unified" / "cgroup.controllers").exists() else root
+            files = ("memory.max", "memory.current")
+        else:
+            continue
+        parts = [q for q in rel.strip().split("/") if q]
+        for k in range(len(parts), -1, -1):
+            out.append((base.joinpath(*parts[:k]), *files))
+    return out
+
+
+def _cgroup_room(proc_cgroup: str | None = None, root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Limit minus usage of this process's memory cgroup, or None when no limit applies: the tightest over the
+    process's own cgroup and its ancestors (a limit anywhere above applies too)."""
+    if proc_cgroup is None:
         try:
-            limit = Path(limit_f).read_text().strip()
+            proc_cgroup = Path("/proc/self/cgroup").read_text()
+        except OSError:
+            proc_cgroup = ""
+    room = None
+    for folder, limit_f, usage_f in _cgroup_dirs(proc_cgroup, root):
+        try:
+            limit = (folder / limit_f).read_text().strip()
             if limit == "max" or int(limit) >= (1 << 60):
                 continue
-            return max(0, int(limit) - int(Path(usage_f).read_text().strip()))
+            r = max(0, int(limit) - int((folder / usage_f).read_text().strip()))
         except (OSError, ValueError):
             continue
-    return None
+        room = r if room is None else min(room, r)
+    return room
 
 
 def available_memory(device: torch.device | str = "cpu") -> tuple[int, str]:
