@@ -14,23 +14,49 @@ cache. Per row it reports
   peak RSS       the worker's VmHWM (polled) / ru_maxrss, and the memory cgroup's own peak (page cache included)
   survived       whether the worker finished; a worker killed by the cgroup's OOM killer, or past its time limit,
                  is a result too (with the tokens it completed before that, if any)
-  agree          the fraction of generated token ids equal to the all-resident moelite run's at the same position
-                 (same checkpoint, same prompts): how close each engine's greedy output is to the exact model
+  agree          the fraction of generated token ids equal to the all-resident bf16 moelite run's at the same
+                 position (same source checkpoint, same prompts): how close each engine's greedy output is to the
+                 exact bf16 model; quantized rows (either engine) are compared with that same bf16 run
+
+Precisions (--precisions, comma list, default bf16,int8,int4; each precision's rows run only when it is listed):
+  bf16   the checkpoint's own bf16 weights: moelite best and exact, HF offload (and HF all in RAM), llama.cpp on a
+         GGUF of --gguf-type (default bf16, the checkpoint's own bytes)
+  int8   moelite on the checkpoint made by `moelite quantize SRC DST --bits 8 --group-size 32 --dense` (int8
+         routed experts AND int8 dense linear layers, one scale per 32 inputs; routers, embeddings and norms stay
+         as they are) against llama.cpp on a Q8_0 GGUF (blocks of 32 int8 with one fp16 scale)
+  int4   the same with --bits 4 against llama.cpp Q4_0 (blocks of 32 4-bit values, one fp16 scale)
+  With --dense both engines read about the same bytes per token in each quantized pair.
 
 Engines (rows):
-  moelite best        moelite.load(expert_budget=--budget, ...) with the best configuration (--moelite-best; by
-                      default score-window eviction + next-layer prefetch + hybrid miss path + substitution alpha
-                      0.25 when this build has substitution)
+  moelite best        moelite.load(expert_budget=--budget, ...) on the bf16 checkpoint with the best configuration
+                      (--moelite-best; by default score-window eviction + next-layer prefetch + hybrid miss path +
+                      substitution alpha 0.25 when this build has substitution)
   moelite exact       the same with substitution off (alpha 0): output equals the model's
+  moelite exact int8 (--dense) / int4 (--dense)
+                      moelite exact on the quantized checkpoint (moelite.load reads it directly), same budget
   HF offload          transformers + accelerate: from_pretrained(device_map="auto", max_memory={"cpu": dense + the
-                      same fraction of the routed experts}, offload_folder=...), bf16 (the checkpoint's dtype): the
-                      modules that do not fit are offloaded to disk and read back on every forward pass
-  llama.cpp           llama-cpp-python on a bf16 GGUF made with the convert_hf_to_gguf.py shipped in llama-cpp-python's
-                      own source distribution (vendor/llama.cpp), use_mmap=True, no mlock: the OS page cache (inside
-                      the cgroup) is its only expert cache; it has no expert budget of its own
-  upper bound         moelite with every expert resident (100% budget, warm start), no memory cap
+                      share of the routed experts moelite's budget was}, offload_folder=...), bf16 (the checkpoint's
+                      dtype): the modules that do not fit are offloaded to disk and read back on every forward pass.
+                      With --budget auto the share is read from the moelite exact bf16 row run just before it
+                      (engine.stats() after load: expert_budget_bytes / routed_expert_bytes); with a percentage or a
+                      size, that share. --hf-budget overrides it.
+  llama.cpp           llama-cpp-python on a GGUF (bf16 / Q8_0 / Q4_0), use_mmap=True, no mlock: the OS page cache
+                      (inside the cgroup) is its only expert cache; it has no expert budget of its own. The row notes
+                      list the tensor types the GGUF actually holds (read with gguf-py)
+  upper bound         moelite with every expert resident (100% budget, warm start, no memory cap), bf16: the
+                      reference of the agree column (the demo's uncapped section also has int8/int4 ones)
   moelite + replay    moelite best on the real-shape checkpoint with its routing replaced by a recorded routing trace of
                       the trained demo model (realistic locality); a different routing, so a separate labelled row
+
+Expert budget (--budget, default auto). moelite's expert_budget="auto" takes the memory the worker may use (its
+memory cgroup's limit minus usage), minus the dense weights, a KV cache of up to 4096 tokens and 10% headroom
+(moelite/core/memory.py), much as llama.cpp's page cache fills the whole cap. Each moelite row's notes say what it
+resolved to (bytes, share of the routed experts, moelite's own arithmetic). A percentage or size (--budget 25%) is
+given to every moelite row as it is. moelite's cgroup reader looks at the root of the cgroup hierarchy
+(/sys/fs/cgroup/memory/memory.limit_in_bytes, /sys/fs/cgroup/memory.max), not at the process's own cgroup, so in
+this script's nested cgroup it would see the machine's MemAvailable; when the worker finds moelite's figure larger
+than its own cgroup's limit minus usage, it hands moelite that figure (moelite's arithmetic unchanged) and the row
+notes say so.
 
 Sections: the demo model uncapped (no cgroup, everything resident), the demo model capped (--budget, inside a memory
 cgroup of --demo-cap) and the real-shape checkpoint (random weights with Qwen3-30B-A3B expert shapes, 64 experts,
@@ -39,19 +65,38 @@ of --rs-cap, smaller than the checkpoint. Each section's capped rows share ONE c
 cgroup v2, needs root); where it cannot be created, the rows run uncapped and the output says so. The cgroup's
 leftover page cache is emptied (memory.force_empty) before every row.
 
-Set-up done by the script when missing (all under --work, never in the repository): the optional requirements
-(benchmarks/requirements-h2h.txt; llama-cpp-python builds from source), llama.cpp's converter (from the pinned
-llama-cpp-python source distribution, fetched with pip download), the real-shape checkpoint (`moelite realshape`), the
-demo-model routing trace (`moelite trace`), and the GGUF files. The demo tokenizer's byte-level BPE pre-tokenizer is
-not in the converter's table of known tokenizer hashes; the converter is run unchanged through a small wrapper that
-falls back to the "gpt-2" pre-tokenizer in that one case (token ids are passed to llama.cpp directly anyway).
+Set-up done by the script when missing (all under --work, never in the repository; each step is redone only when
+its source changed):
+  - the optional requirements (benchmarks/requirements-h2h.txt; llama-cpp-python builds from source, minutes);
+  - llama.cpp's converter (convert_hf_to_gguf.py, conversion/, gguf-py/ from the pinned llama-cpp-python source
+    distribution, fetched with pip download, in WORK/llama.cpp-VERSION);
+  - the real-shape checkpoint (`moelite realshape`, WORK/rs-qwen3-64e) and the demo-model routing trace (`moelite
+    trace`);
+  - the quantized checkpoints, WORK/quantized/NAME-int8-g32-dense and -int4-g32-dense (`moelite quantize SRC DST
+    --bits 8|4 --group-size 32 --dense`);
+  - the GGUF files, WORK/gguf/: NAME-bf16.gguf with the converter (--outtype --gguf-type), and NAME.Q8_0.gguf /
+    NAME.Q4_0.gguf made from it with llama-cpp-python's own llama_cpp.llama_model_quantize (LLAMA_FTYPE_MOSTLY_Q8_0
+    / _Q4_0, default parameters: llama.cpp picks each tensor's type itself; 1-D tensors stay F32, and tensors whose
+    rows do not fit its blocks, or output.weight, may get another type). The demo tokenizer's byte-level BPE
+    pre-tokenizer is not in the converter's table of known tokenizer hashes; the converter is run unchanged through
+    a small wrapper that falls back to the "gpt-2" pre-tokenizer in that one case (token ids are passed to llama.cpp
+    directly anyway).
 
 Writes benchmarks/results/h2h/{results.json, results.md, h2h.png} (or --out), prints the table, and ends with one
-JSON line. Every row has a time limit and the whole run a time budget (--budget-min): rows that do not fit are
-recorded as not run.
+JSON line. Every row has a time limit (--demo-timeout, --rs-timeout) and the whole run a time budget (--budget-min,
+counted from the start, set-up included, a first llama-cpp-python build excluded): rows that do not fit are recorded
+as not run. --dry-run does the set-up and prints the planned rows without running them.
 
-  python3 benchmarks/head_to_head.py                      # everything, ~20-30 min on 2 cores (plus the first build)
-  python3 benchmarks/head_to_head.py --sections demo      # the demo-model sections only (a minute or two)
+How long. On 2 cores: the demo sections (15 rows) take 1-2 minutes. The real-shape section's set-up, the first
+time, takes roughly 7-10 minutes (writing the checkpoint ~1 min, `moelite quantize` int8 + int4 ~4 min, the bf16 GGUF
+~1.5 min, Q8_0 + Q4_0 ~0.5 min; measured on a 2-layer copy and scaled); its 10 rows take roughly 6-12 minutes (the
+previous 6-row run took 4 minutes; each row is at most --rs-timeout 360 s). A full run is thus ~10-15 minutes once set
+up and ~20-25 minutes from nothing (plus ~3 minutes to build llama-cpp-python); --budget-min 50 bounds it.
+
+  python3 benchmarks/head_to_head.py                      # everything (see above)
+  python3 benchmarks/head_to_head.py --sections demo      # the demo-model sections only (1-2 minutes)
+  python3 benchmarks/head_to_head.py --precisions int4    # only the 4-bit rows (plus the bf16 reference)
+  python3 benchmarks/head_to_head.py --dry-run            # set up, then list the planned rows
 """
 
 from __future__ import annotations
@@ -101,6 +146,35 @@ base.TextModel.get_vocab_base_pre = _pre
 sys.argv = [src + "/convert_hf_to_gguf.py"] + sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''
+
+# GGUF quantization with llama-cpp-python's own binding of llama.cpp's llama_model_quantize (no separate binary)
+QUANT_RUNNER = '''\
+import ctypes, sys
+import llama_cpp
+src, dst, ftype, nthread = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + ftype)
+params.nthread = nthread
+rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+sys.exit(0 if rc == 0 else 1)
+'''
+
+# the tensor types a GGUF holds, with gguf-py from the converter's folder: {type: [tensor names without blk.N.]}
+GGUF_TYPES_RUNNER = '''\
+import json, re, sys
+sys.path.insert(0, sys.argv[1] + "/gguf-py")
+from gguf import GGUFReader
+by = {}
+for t in GGUFReader(sys.argv[2]).tensors:
+    name = re.sub(r"^blk[.][0-9]+[.]", "", t.name).removesuffix(".weight")
+    by.setdefault(t.tensor_type.name, set()).add(name)
+print(json.dumps({k: sorted(v) for k, v in by.items()}))
+'''
+
+PRECISIONS = ("bf16", "int8", "int4")
+QUANT_BITS = {"int8": 8, "int4": 4}
+GGUF_QUANT = {"int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's type for each quantized precision
+GROUP_SIZE = 32  # moelite quantize's group: one scale per 32 inputs, as llama.cpp's Q8_0/Q4_0 blocks
 
 
 # ==== worker side (one engine, one checkpoint, in a fresh process) ==================================================
@@ -174,6 +248,54 @@ def _decode_loop(step, prompt_ids: list[int], max_tokens: int, meter: Meter) -> 
     meter.prompt_done(toks, ttft, len(toks) - 1, time.perf_counter() - t1)
 
 
+def _own_cgroup_room() -> int | None:
+    """Limit minus usage of the memory cgroup this process is in (cgroup v1 memory controller, else v2), the
+    tightest along its path up to the hierarchy's root; None where no limit applies."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    places = []
+    for line in lines:
+        hid, ctrls, rel = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in ctrls.split(","):
+            places.append((Path("/sys/fs/cgroup/memory"), rel, "memory.limit_in_bytes", "memory.usage_in_bytes"))
+        elif hid == "0" and ctrls == "":
+            places.append((Path("/sys/fs/cgroup"), rel, "memory.max", "memory.current"))
+    room = None
+    for mount, rel, limit_name, usage_name in places:
+        d = mount / rel.strip("/")
+        while True:
+            try:
+                limit = (d / limit_name).read_text().strip()
+                if limit != "max" and int(limit) < (1 << 60):
+                    r = max(0, int(limit) - int((d / usage_name).read_text().strip()))
+                    room = r if room is None else min(room, r)
+            except (OSError, ValueError):
+                pass
+            if d == mount or d.parent == d:
+                break
+            d = d.parent
+    return room
+
+
+def _auto_sees_own_cgroup() -> str | None:
+    """moelite's expert_budget="auto" reads the cgroup limit at the hierarchy's root; in a nested cgroup (this
+    script's) it would see the machine's MemAvailable. When moelite's figure exceeds this process's own cgroup room,
+    hand moelite's reader that room (its arithmetic is unchanged) and say so; None when moelite sees the cap itself."""
+    import moelite.core.memory as mem
+
+    room = _own_cgroup_room()
+    if room is None:
+        return None
+    seen, source = mem.available_memory("cpu")
+    if seen <= room + (64 << 20):
+        return None
+    mem._cgroup_room = _own_cgroup_room
+    return (f"moelite's auto saw {_size(seen)} ({source}: its cgroup reader looks at the hierarchy's root); the "
+            f"worker gave it its own cgroup's limit minus usage, {_size(room)}")
+
+
 def worker_moelite(spec: dict) -> None:
     import torch
 
@@ -181,6 +303,7 @@ def worker_moelite(spec: dict) -> None:
     from moelite.core.traces import Trace, TraceReplay
 
     torch.set_num_threads(spec["threads"])
+    cgroup_fix = _auto_sees_own_cgroup() if spec["config"].get("expert_budget") == "auto" else None
     t0 = time.perf_counter()
     engine = moelite.load(spec["model"], device="cpu", **spec["config"])
     load_s = time.perf_counter() - t0
@@ -188,7 +311,12 @@ def worker_moelite(spec: dict) -> None:
         engine.manager.set_replay(TraceReplay(Trace.load(spec["replay"]), engine.layout.layers, decode_only=True))
     engine.eos_ids = set()  # decode exactly max_tokens tokens, as every other engine here
     meter = Meter(len(spec["prompts"]), _proc_read_bytes())
-    meter.extra["load_s"] = load_s
+    s = engine.stats()
+    meter.extra.update({"load_s": load_s, "auto_cgroup_fix": cgroup_fix,
+                        **{k: s.get(k) for k in ("expert_budget_bytes", "expert_budget_note", "routed_expert_bytes",
+                                                 "expert_slots", "expert_slot_dtype", "expert_quant",
+                                                 "dense_quantized_layers", "dense_dtype", "dense_bytes")}})
+    meter.emit()  # the resolved budget reaches the parent even if the worker dies in the first prompt
     for _domain, ids in spec["prompts"]:
         g = engine.generate(ids, max_tokens=spec["max_tokens"], temperature=0)
         s = engine.stats()
@@ -274,10 +402,12 @@ class Row:
     section: str
     label: str
     engine: str  # moelite | hf | llama
-    model: str
+    model: str  # the source checkpoint's name (quantized rows too: agreement is against its bf16 reference)
     capped: bool
     spec: dict
     note: str = ""
+    key: str = ""  # what the row is, for the summary: moelite_best_bf16, moelite_exact_int8, llama_int4, hf_offload...
+    precision: str = "bf16"
 
 
 def _drop_cache(paths: list[Path]) -> None:
@@ -398,7 +528,10 @@ def run_row(row: Row, cgroup: Cgroup | None, timeout: float, cache_paths: list[P
     res.pop("final", None)
     finished = bool(lines) and lines[-1].get("final") and proc.returncode == 0
     res.update(section=row.section, label=row.label, engine=row.engine, model=row.model, capped=row.capped,
-               wall_s=wall, returncode=proc.returncode, survived=bool(finished), note=row.note)
+               wall_s=wall, returncode=proc.returncode, survived=bool(finished), note=row.note, key=row.key,
+               precision=row.precision, files=_row_files(row))
+    if res.get("expert_budget_bytes"):
+        res["note"] = "; ".join(x for x in (res["note"], _budget_text(row, res)) if x)
     if res.get("read_bytes") is None or (polled_read or 0) > res["read_bytes"]:
         res["read_bytes"] = polled_read
     res["peak_rss_bytes"] = max(res.get("peak_rss_bytes") or 0, polled_hwm or 0) or None
@@ -419,7 +552,27 @@ def run_row(row: Row, cgroup: Cgroup | None, timeout: float, cache_paths: list[P
 
 def not_run(row: Row, why: str) -> dict:
     return {"section": row.section, "label": row.label, "engine": row.engine, "model": row.model,
-            "capped": row.capped, "survived": False, "not_run": True, "error": why, "note": row.note}
+            "capped": row.capped, "survived": False, "not_run": True, "error": why, "note": row.note,
+            "key": row.key, "precision": row.precision, "files": _row_files(row)}
+
+
+def _row_files(row: Row) -> list[str]:
+    return [row.spec[k] for k in ("model", "gguf") if row.spec.get(k)]
+
+
+def _budget_text(row: Row, res: dict) -> str:
+    """What a moelite row's expert budget came to: bytes, share of the routed experts, and moelite's own note."""
+    asked = row.spec.get("config", {}).get("expert_budget")
+    b, total = res["expert_budget_bytes"], res.get("routed_expert_bytes")
+    share = f" = {b / total:.0%} of the routed experts ({_size(total)}" if total else " ("
+    what = f"{share}{', ' + res['expert_quant'] if res.get('expert_quant') else ''}" \
+           f"{', ' + res['expert_slot_dtype'] + ' slots' if res.get('expert_slot_dtype') else ''})"
+    text = f"budget {asked!r} resolved to {_size(b)}{what}"
+    if res.get("expert_budget_note"):
+        text += f" [moelite: {res['expert_budget_note']}]"
+    if res.get("auto_cgroup_fix"):
+        text += f" [{res['auto_cgroup_fix']}]"
+    return text
 
 
 # ---- set-up ---------------------------------------------------------------------------------------------------------
@@ -543,6 +696,132 @@ def _with_architectures(ckpt: Path, work: Path) -> Path:
     return stage
 
 
+def ensure_gguf_quant(src: Path, ckpt_name: str, work: Path, qtype: str, threads: int) -> tuple[Path | None, str,
+                                                                                                  float]:
+    """A Q8_0 / Q4_0 GGUF made from the bf16 (or f16/f32) GGUF `src` with llama_cpp.llama_model_quantize."""
+    out = work / "gguf" / f"{ckpt_name}.{qtype}.gguf"
+    stamp_file = out.with_suffix(".source.json")
+    try:
+        version = importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    stamp = {src.name: [src.stat().st_size, int(src.stat().st_mtime)], "llama-cpp-python": version}
+    if out.is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return out, "", 0.0
+    runner = work / "quant_runner.py"
+    runner.write_text(QUANT_RUNNER)
+    tmp = out.with_name(out.name + ".partial")
+    t0 = time.perf_counter()
+    ok, why = _run([sys.executable, str(runner), str(src), str(tmp), qtype, str(threads)],
+                   f"quantizing {src.name} to {qtype} (llama_model_quantize)")
+    if not ok or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        return None, why or "llama_model_quantize wrote no file", time.perf_counter() - t0
+    tmp.rename(out)
+    stamp_file.write_text(json.dumps(stamp))
+    return out, "", time.perf_counter() - t0
+
+
+def gguf_types(gguf: Path, converter: Path | None) -> tuple[dict | None, str]:
+    """{tensor type: [tensor names, blk.N. dropped]} of a GGUF, read with the converter's gguf-py."""
+    if converter is None:
+        return None, ""
+    try:
+        p = subprocess.run([sys.executable, "-c", GGUF_TYPES_RUNNER, str(converter), str(gguf)], capture_output=True,
+                           text=True, timeout=300)
+        if p.returncode == 0:
+            return json.loads(p.stdout.strip().splitlines()[-1]), ""
+        return None, (p.stderr.strip().splitlines() or ["?"])[-1][:200]
+    except (subprocess.TimeoutExpired, ValueError, IndexError) as exc:
+        return None, str(exc)[:200]
+
+
+def types_text(types: dict | None) -> str:
+    """'Q4_0: attn_k, ...; F32: ...' with the type holding most tensors first."""
+    if not types:
+        return "tensor types unknown"
+    return "tensor types " + "; ".join(f"{t}: {', '.join(names)}" for t, names in
+                                       sorted(types.items(), key=lambda kv: -len(kv[1])))
+
+
+def ensure_quantized(ckpt: Path, work: Path, bits: int) -> tuple[Path | None, str, float]:
+    """`moelite quantize ckpt WORK/quantized/NAME-intB-g32-dense --bits B --group-size 32 --dense` (written beside
+    and renamed when complete, redone when the source checkpoint or moelite's quantizer changed)."""
+    import hashlib
+
+    out = work / "quantized" / f"{ckpt.name}-int{bits}-g{GROUP_SIZE}-dense"
+    stamp_file = out.with_name(out.name + ".source.json")
+    quantizer = hashlib.sha256()  # moelite's quantizer and packed format: a copy written by an older one is redone
+    for f in ("moelite/quantize.py", "moelite/core/quant.py"):
+        quantizer.update((ROOT / f).read_bytes() if (ROOT / f).is_file() else b"")
+    stamp = {"source": _stamp(ckpt), "quantizer": quantizer.hexdigest()}
+    if (out / "config.json").is_file() and stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp:
+        return out, "", 0.0
+    tmp = out.with_name(out.name + ".partial")
+    for d in (tmp, out):
+        shutil.rmtree(d, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ok, why = _run([sys.executable, "-m", "moelite", "quantize", str(ckpt), str(tmp), "--bits", str(bits),
+                    "--group-size", str(GROUP_SIZE), "--dense", "--json"],
+                   f"quantizing {ckpt.name} to int{bits} (moelite quantize --dense)")
+    if not ok or not (tmp / "config.json").is_file():
+        return None, why or "moelite quantize wrote no config.json", time.perf_counter() - t0
+    tmp.rename(out)
+    stamp_file.write_text(json.dumps(stamp))
+    return out, "", time.perf_counter() - t0
+
+
+def setup_checkpoint(ckpt: Path, tag: str, work: Path, converter: Path | None, args, setup: dict,
+                     timings: dict) -> dict:
+    """Everything the rows of one checkpoint need beyond the checkpoint itself, per precision: the quantized moelite
+    checkpoints and the GGUFs (with their tensor types). {"quant": {prec: path}, "gguf": {prec: path},
+    "types": {prec: text}, "errors": {prec: why}}; a missing piece's row is recorded as not run with the reason."""
+    precs = args.precision_list
+    files: dict = {"quant": {}, "gguf": {}, "types": {}, "errors": {}}
+    for prec in precs:
+        if prec in QUANT_BITS:
+            path, why, timings[f"quantize_{tag}_{prec}_s"] = ensure_quantized(ckpt, work, QUANT_BITS[prec])
+            if path is not None:
+                files["quant"][prec] = path
+            else:
+                setup[f"quantize_error_{tag}_{prec}"] = files["errors"][f"moelite_{prec}"] = why
+    if converter is None:
+        for prec in precs:
+            files["errors"][f"llama_{prec}"] = setup.get("llama_error", "llama.cpp not available")
+        return files
+    main = src = None
+    if "bf16" in precs:
+        main, why, timings[f"gguf_{tag}_s"] = ensure_gguf(ckpt, work, converter, args.gguf_type)
+        if main is not None:
+            files["gguf"]["bf16"] = main
+        else:
+            setup[f"llama_error_{tag}"] = files["errors"]["llama_bf16"] = \
+                f"GGUF conversion of {ckpt.name} failed: {why}"
+    quant = [p for p in precs if p in GGUF_QUANT]
+    if quant:
+        if main is not None and args.gguf_type in ("bf16", "f16", "f32"):
+            src, why = main, ""
+        else:
+            src, why, timings[f"gguf_{tag}_bf16_s"] = ensure_gguf(ckpt, work, converter, "bf16")
+        for prec in quant:
+            if src is None:
+                files["errors"][f"llama_{prec}"] = f"no bf16 GGUF of {ckpt.name} to quantize: {why}"
+                continue
+            q, qwhy, timings[f"gguf_{tag}_{GGUF_QUANT[prec].lower()}_s"] = \
+                ensure_gguf_quant(src, ckpt.name, work, GGUF_QUANT[prec], args.threads)
+            if q is not None:
+                files["gguf"][prec] = q
+            else:
+                setup[f"llama_error_{tag}_{prec}"] = files["errors"][f"llama_{prec}"] = \
+                    f"{GGUF_QUANT[prec]} quantization of {src.name} failed: {qwhy}"
+    for prec, g in files["gguf"].items():
+        types, why = gguf_types(g, converter)
+        files["types"][prec] = types_text(types) + (f" ({why})" if why else "")
+        setup.setdefault("gguf_tensor_types", {})[g.name] = types
+    return files
+
+
 def ensure_realshape(path: Path, demo: Path, layers: int) -> tuple[bool, str, float]:
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return True, "", 0.0
@@ -603,10 +882,18 @@ def _substitution_available() -> bool:
         return False
 
 
-def plan(args, demo: Path, rs: Path | None, demo_gguf, rs_gguf, trace, setup_notes: dict) -> list[tuple]:
-    """[(section, cap bytes or None, [Row])]."""
+def _budget_share(budget: str, experts: int) -> tuple[str, float | None]:
+    """("auto", None) | ("fraction", f) | ("bytes", n): a budget as the HF row needs it (bytes of routed experts)."""
     from moelite.config import parse_budget
 
+    if str(budget).strip().lower() == "auto":
+        return "auto", None
+    kind, v = parse_budget(budget)
+    return kind, (v * experts if kind == "fraction" else v)
+
+
+def plan(args, demo: Path, rs: Path | None, demo_files: dict, rs_files: dict, trace, setup_notes: dict) -> list[tuple]:
+    """[(section, cap bytes or None, [Row])]."""
     best = dict(DEFAULT_BEST, **json.loads(args.moelite_best))
     if not _substitution_available():
         best.pop("substitution_alpha", None)
@@ -614,67 +901,132 @@ def plan(args, demo: Path, rs: Path | None, demo_gguf, rs_gguf, trace, setup_not
     exact = dict(best, substitution_alpha=0.0) if "substitution_alpha" in best else dict(best)
     upper = {"expert_budget": "100%", "warm_start": True, "cache_policy": "lru", "prefetch": False,
              "io_threads": best.get("io_threads", 2), "expert_dtype": best.get("expert_dtype", "auto")}
-    kind, frac = parse_budget(args.budget)
+    precs = args.precision_list
     work = Path(args.work)
     common = {"threads": args.threads}
+    budget = args.budget
     sections = []
 
-    def rows_for(section, ckpt: Path, gguf, n_prompts, max_tokens, capped: bool, replay=None):
+    def rows_for(section, ckpt: Path, files: dict, n_prompts, max_tokens, capped: bool, replay=None):
         prompts = _prompts(ckpt, n_prompts)
         base = dict(common, model=str(ckpt), prompts=prompts, max_tokens=max_tokens)
         dense, experts = _bytes_split(ckpt)
-        hf_mem = dense + (frac * experts if kind == "fraction" else frac)
         rows = []
+
+        def moe(key, prec, label, config, note, path=None, capped_=None, **extra):
+            if prec != "bf16" and path is None:
+                return Row(section, label, "moelite", ckpt.name, capped if capped_ is None else capped_,
+                           {"engine": "moelite"}, files["errors"].get(f"moelite_{prec}", "no quantized checkpoint"),
+                           key, prec)
+            return Row(section, label, "moelite", ckpt.name, capped if capped_ is None else capped_,
+                       dict(base, engine="moelite", model=str(path or ckpt), config=config, **extra), note, key, prec)
+
+        def llama(prec):
+            gtype = args.gguf_type if prec == "bf16" else GGUF_QUANT[prec]
+            label = f"llama.cpp {gtype} (llama-cpp-python, mmap)"
+            g = files["gguf"].get(prec)
+            if g is None:
+                return Row(section, label, "llama", ckpt.name, capped, {"engine": "llama"},
+                           files["errors"].get(f"llama_{prec}", "llama.cpp not available"), f"llama_{prec}", prec)
+            how = ("converter --outtype " + gtype) if prec == "bf16" else \
+                f"llama_model_quantize LLAMA_FTYPE_MOSTLY_{gtype} from the {Path(g).name.split('.')[0]} bf16 GGUF"
+            note = (f"{gtype} GGUF ({how}), use_mmap, page cache = expert cache"
+                    + (" (no budget knob; the cgroup caps it)" if capped else "")
+                    + f"; {files['types'].get(prec, 'tensor types unknown')}")
+            return Row(section, label, "llama", ckpt.name, capped, dict(base, engine="llama", gguf=str(g)), note,
+                       f"llama_{prec}", prec)
+
+        def qnote(prec):
+            b = QUANT_BITS[prec]
+            return f"moelite quantize --bits {b} --group-size {GROUP_SIZE} --dense (int{b} experts and dense linears)"
+
         if not capped:
-            rows.append(Row(section, "upper bound: moelite, all experts resident", "moelite", ckpt.name, False,
-                            dict(base, engine="moelite", config=upper), "100% budget, warm start, no cap"))
-            rows.append(Row(section, "HF transformers, all in RAM", "hf", ckpt.name, False,
-                            dict(base, engine="hf", hf={"mode": "ram"}), "bf16, no offloading"))
+            rows.append(moe("upper_bound", "bf16", "upper bound: moelite, all experts resident", upper,
+                            "bf16, 100% budget, warm start, no cap"))
+            if "bf16" in precs:
+                rows.append(Row(section, "HF transformers, all in RAM", "hf", ckpt.name, False,
+                                dict(base, engine="hf", hf={"mode": "ram"}), "bf16, no offloading", "hf_ram"))
+                rows.append(llama("bf16"))
+            for prec in (p for p in precs if p in QUANT_BITS):
+                rows.append(moe(f"moelite_{prec}_resident", prec,
+                                f"moelite {prec} (--dense), all experts resident", upper,
+                                qnote(prec) + "; 100% budget, warm start, no cap", files["quant"].get(prec)))
+                rows.append(llama(prec))
         else:
-            alpha = best.get("substitution_alpha", 0)
-            rows.append(Row(section, f"moelite best ({args.budget})", "moelite", ckpt.name, True,
-                            dict(base, engine="moelite", config=dict(best, expert_budget=args.budget)),
-                            ", ".join(f"{k}={v}" for k, v in best.items())))
-            rows.append(Row(section, f"moelite exact ({args.budget}, no substitution)", "moelite", ckpt.name, True,
-                            dict(base, engine="moelite", config=dict(exact, expert_budget=args.budget)),
-                            "as best, substitution_alpha=0" if alpha else "best has no substitution"))
-            off = work / "hf_offload" / ckpt.name
-            rows.append(Row(section, "HF transformers + accelerate offload", "hf", ckpt.name, True,
-                            dict(base, engine="hf", hf={"mode": "offload", "max_memory": int(hf_mem),
-                                                        "offload_folder": str(off)}),
-                            f"bf16, device_map=auto, max_memory cpu={_size(hf_mem)} "
-                            f"(dense + {args.budget} of experts), rest to disk"))
-        if gguf is not None:
-            rows.append(Row(section, "llama.cpp (llama-cpp-python, mmap)", "llama", ckpt.name, capped,
-                            dict(base, engine="llama", gguf=str(gguf)),
-                            "bf16 GGUF, use_mmap, page cache = expert cache" + (" (no budget knob; the cgroup caps it)"
-                                                                                 if capped else "")))
-        else:
-            rows.append(Row(section, "llama.cpp (llama-cpp-python, mmap)", "llama", ckpt.name, capped,
-                            {"engine": "llama"}, setup_notes.get("llama_error", "llama.cpp not available")))
+            if "bf16" in precs:
+                alpha = best.get("substitution_alpha", 0)
+                rows.append(moe("moelite_best_bf16", "bf16", f"moelite best bf16 ({budget})",
+                                dict(best, expert_budget=budget), ", ".join(f"{k}={v}" for k, v in best.items())))
+                rows.append(moe("moelite_exact_bf16", "bf16", f"moelite exact bf16 ({budget}, no substitution)",
+                                dict(exact, expert_budget=budget),
+                                "as best, substitution_alpha=0" if alpha else "best has no substitution"))
+                hf_budget = args.hf_budget or budget
+                kind, hf_experts = _budget_share(hf_budget, experts)
+                off = work / "hf_offload" / ckpt.name
+                hf = {"mode": "offload", "offload_folder": str(off), "dense": dense, "experts": experts}
+                if kind == "auto":
+                    hf.update(max_memory=None, budget_from=["moelite_exact_bf16", "moelite_best_bf16"])
+                    note = ("bf16, device_map=auto, max_memory cpu = dense + the share of the routed experts "
+                            "moelite's 'auto' resolved to (moelite exact bf16 row), rest to disk")
+                else:
+                    hf.update(max_memory=int(dense + hf_experts))
+                    note = (f"bf16, device_map=auto, max_memory cpu={_size(dense + hf_experts)} "
+                            f"(dense + {hf_budget} of experts), rest to disk")
+                rows.append(Row(section, "HF transformers + accelerate offload", "hf", ckpt.name, True,
+                                dict(base, engine="hf", hf=hf), note, "hf_offload"))
+                rows.append(llama("bf16"))
+            for prec in (p for p in precs if p in QUANT_BITS):
+                rows.append(moe(f"moelite_exact_{prec}", prec, f"moelite exact {prec} (--dense, {budget})",
+                                dict(exact, expert_budget=budget), qnote(prec) + "; substitution off",
+                                files["quant"].get(prec)))
+                rows.append(llama(prec))
         if capped and section.startswith("real-shape"):
-            rows.append(Row(section, "upper bound: moelite, all experts resident (no cap)", "moelite", ckpt.name,
-                            False, dict(base, engine="moelite", config=upper), "100% budget, warm start, no cap"))
-            if replay is not None:
-                rows.append(Row(section, f"moelite best ({args.budget}) + demo-trace replay", "moelite", ckpt.name,
-                                True, dict(base, engine="moelite", config=dict(best, expert_budget=args.budget),
-                                           replay=str(replay)),
+            rows.append(moe("upper_bound", "bf16", "upper bound: moelite, all experts resident (no cap)", upper,
+                            "bf16, 100% budget, warm start, no cap", capped_=False))
+            if replay is not None and "bf16" in precs:
+                rows.append(moe("moelite_best_bf16_replay", "bf16", f"moelite best bf16 ({budget}) + demo-trace replay",
+                                dict(best, expert_budget=budget),
                                 "routing replaced by the trained demo model's recorded routing (not comparable "
-                                "with the other engines' own routing)"))
+                                "with the other engines' own routing)", replay=str(replay)))
         return rows
 
     want = set(args.sections.split(","))
     if "demo" in want:
         sections.append(("demo, uncapped", None,
-                         rows_for("demo, uncapped", demo, demo_gguf, args.demo_prompts, args.demo_tokens, False)))
-        sections.append((f"demo, capped ({args.budget}, {args.demo_cap} cgroup)", args.demo_cap,
-                         rows_for(f"demo, capped ({args.budget}, {args.demo_cap} cgroup)", demo, demo_gguf,
-                                  args.demo_prompts, args.demo_tokens, True)))
+                         rows_for("demo, uncapped", demo, demo_files, args.demo_prompts, args.demo_tokens, False)))
+        name = f"demo, capped ({budget}, {args.demo_cap} cgroup)"
+        sections.append((name, args.demo_cap,
+                         rows_for(name, demo, demo_files, args.demo_prompts, args.demo_tokens, True)))
     if "realshape" in want and rs is not None:
-        name = f"real-shape, capped ({args.budget}, {args.rs_cap} cgroup)"
-        sections.append((name, args.rs_cap, rows_for(name, rs, rs_gguf, args.rs_prompts, args.rs_tokens, True,
+        name = f"real-shape, capped ({budget}, {args.rs_cap} cgroup)"
+        sections.append((name, args.rs_cap, rows_for(name, rs, rs_files, args.rs_prompts, args.rs_tokens, True,
                                                      replay=trace)))
     return sections
+
+
+def resolve_hf_budget(row: Row, done: list[dict]) -> None:
+    """An HF offload row planned with --budget auto: max_memory = dense + the share of the routed experts that the
+    named moelite row (run earlier in the same section) resolved 'auto' to, read from its engine.stats()."""
+    hf = row.spec.get("hf", {})
+    if hf.get("max_memory") is not None or not hf.get("budget_from"):
+        return
+    src = None
+    for key in hf["budget_from"]:
+        src = next((r for r in done if r.get("section") == row.section and r.get("key") == key
+                    and r.get("expert_budget_bytes") and r.get("routed_expert_bytes")), None)
+        if src is not None:
+            break
+    if src is not None:
+        share = min(1.0, src["expert_budget_bytes"] / src["routed_expert_bytes"])
+        why = f"the {share:.1%} moelite's 'auto' resolved to in '{src['label']}'"
+    else:
+        share = 0.25
+        why = "25%: no moelite bf16 row reported what 'auto' resolved to (not run, or failed before load)"
+    hf["max_memory"] = int(hf["dense"] + share * hf["experts"])
+    hf["share"] = share
+    row.note = (f"bf16, device_map=auto, max_memory cpu={_size(hf['max_memory'])} (dense {_size(hf['dense'])} + "
+                f"{_size(share * hf['experts'])} of experts = {why}), rest to disk")
+
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
@@ -688,10 +1040,10 @@ def _gib(b) -> str:
 
 def _agree(rows: list[dict]) -> None:
     """Token agreement of each row with the all-resident moelite row of the same checkpoint (not for replay rows)."""
-    refs = {r["model"]: r for r in rows if r["label"].startswith("upper bound") and r.get("survived")}
+    refs = {r["model"]: r for r in rows if r.get("key") == "upper_bound" and r.get("survived")}
     for r in rows:
         ref = refs.get(r["model"])
-        if ref is None or not r.get("token_ids") or "replay" in r["label"]:
+        if ref is None or not r.get("token_ids") or "replay" in r.get("key", ""):
             continue
         same = total = 0
         for a, b in zip(r["token_ids"], ref["token_ids"]):
@@ -797,21 +1149,46 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def summary(rows: list[dict]) -> dict:
+    """The real-shape section's decode speeds by row key, the ratios the open issue asks about, and its goals:
+    moelite exact >= llama.cpp at each precision (bf16, int8 vs Q8_0, int4 vs Q4_0) and every capped moelite row
+    >= 5x HF accelerate offload."""
     rs = [r for r in rows if r["section"].startswith("real-shape")]
-
-    def tok(prefix):
-        r = next((r for r in rs if r["label"].startswith(prefix) and "replay" not in r["label"]), None)
-        return r.get("decode_tok_s") if r else None
-
-    best, exact, hf, ll = tok("moelite best"), tok("moelite exact"), tok("HF transformers"), tok("llama.cpp")
-    up = tok("upper bound")
-    rep = next((r.get("decode_tok_s") for r in rs if "replay" in r["label"]), None)
+    tok = {r["key"]: r.get("decode_tok_s") for r in rs if r.get("key")}
     ratio = lambda a, b: a / b if a and b else None  # noqa: E731
-    return {"realshape_decode_tok_s": {"moelite_best": best, "moelite_exact": exact, "hf_offload": hf,
-                                       "llama_cpp": ll, "upper_bound": up, "moelite_best_replay": rep},
-            "moelite_best_over_hf": ratio(best, hf), "moelite_best_over_llama": ratio(best, ll),
-            "moelite_exact_over_hf": ratio(exact, hf), "moelite_exact_over_llama": ratio(exact, ll),
+    hf = tok.get("hf_offload")
+    moelite_keys = [k for k in tok if k.startswith("moelite_") and "replay" not in k]
+    over_llama = {p: ratio(tok.get(f"moelite_exact_{p}"), tok.get(f"llama_{p}")) for p in PRECISIONS
+                  if f"moelite_exact_{p}" in tok or f"llama_{p}" in tok}
+    over_hf = {k: ratio(tok[k], hf) for k in moelite_keys}
+    goals = {f"moelite_exact_{p}_ge_llama_{p}": (v >= 1.0 if v is not None else None) for p, v in over_llama.items()}
+    if over_hf:  # None when HF offload has no decode speed (not run, or killed before its first tokens)
+        goals["every_moelite_ge_5x_hf"] = None if hf is None else all(v is not None and v >= 5.0
+                                                                       for v in over_hf.values())
+    auto = {r["key"]: round(r["expert_budget_bytes"] / r["routed_expert_bytes"], 4) for r in rs
+            if r.get("engine") == "moelite" and r.get("expert_budget_bytes") and r.get("routed_expert_bytes")}
+    return {"realshape_decode_tok_s": tok, "moelite_exact_over_llama": over_llama, "moelite_over_hf": over_hf,
+            "goals": goals, "realshape_expert_budget_share": auto,
+            "realshape_errors": {r["key"]: r["error"] for r in rs if r.get("error") and r.get("key")},
+            "moelite_best_over_hf": ratio(tok.get("moelite_best_bf16"), hf),
+            "moelite_best_over_llama": ratio(tok.get("moelite_best_bf16"), tok.get("llama_bf16")),
             "all_survived": all(r.get("survived") for r in rows if not r.get("not_run"))}
+
+
+def print_plan(sections: list[tuple], args) -> None:
+    """--dry-run: the rows that would run, section by section, with their files, configuration and time limit."""
+    for name, cap, rows in sections:
+        timeout = args.rs_timeout if name.startswith("real-shape") else args.demo_timeout
+        print(f"\n## {name}: {'cgroup of ' + cap if cap else 'no memory cgroup'}; {timeout:g} s per row")
+        for row in rows:
+            spec = row.spec
+            what = {k: v for k, v in spec.items() if k in ("model", "gguf", "config", "hf", "replay")}
+            if "model" not in spec and "gguf" not in spec:
+                what = {"NOT RUN": row.note}
+            print(f"  [{row.key or '-'}] {row.label}  ({row.engine}, {row.precision}, "
+                  f"{'capped' if row.capped else 'uncapped'})")
+            print(f"      {json.dumps(what, default=str)}")
+            if row.note and "NOT RUN" not in what:
+                print(f"      note: {row.note}")
 
 
 # ---- main -----------------------------------------------------------------------------------------------------------
@@ -825,7 +1202,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--realshape-layers", type=int, default=8)
     p.add_argument("--demo", default=None, help="demo checkpoint (default: moelite's embedded demo model)")
     p.add_argument("--sections", default="demo,realshape", help="comma list of: demo, realshape")
-    p.add_argument("--budget", default="25%", help="moelite expert budget (HF gets dense + the same share of experts)")
+    p.add_argument("--budget", default="auto", help="moelite expert budget of the capped rows: 'auto' (fills what "
+                                                     "the cgroup leaves), a percentage or a size; HF gets dense + the "
+                                                     "same share of the routed experts")
+    p.add_argument("--hf-budget", default=None, help="HF offload's share of the routed experts instead (a percentage "
+                                                      "or size; default: what --budget resolved to)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS),
+                   help="comma list of the precisions whose rows run: bf16 (moelite bf16, HF, llama.cpp --gguf-type), "
+                        "int8 (moelite quantize --bits 8 --dense vs llama.cpp Q8_0), int4 (--bits 4 vs Q4_0)")
     p.add_argument("--demo-cap", default="1.5GiB", help="memory cgroup for the capped demo section")
     p.add_argument("--rs-cap", default="4GiB", help="memory cgroup for the real-shape section (below its 4.8 GB)")
     p.add_argument("--demo-prompts", type=int, default=3)
@@ -836,23 +1220,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--moelite-best", default="{}", help="JSON overrides of moelite's best configuration "
                                                          f"(default {json.dumps(DEFAULT_BEST)})")
     p.add_argument("--gguf-type", default="bf16", choices=["bf16", "f16", "q8_0", "f32"],
-                   help="GGUF weight type for llama.cpp (bf16 = the checkpoint's own bytes)")
+                   help="GGUF weight type of the bf16-precision llama.cpp row (bf16 = the checkpoint's own bytes); "
+                        "the Q8_0/Q4_0 GGUFs are always quantized from a bf16 (or f16/f32) GGUF")
     p.add_argument("--demo-timeout", type=float, default=120, help="seconds per demo row")
     p.add_argument("--rs-timeout", type=float, default=360, help="seconds per real-shape row")
-    p.add_argument("--budget-min", type=float, default=29, help="time budget of the whole run in minutes; rows that "
-                                                                "would start after it are recorded as not run")
+    p.add_argument("--budget-min", type=float, default=50,
+                   help="time budget of the whole run in minutes, set-up included (a first llama-cpp-python build "
+                        "excluded); rows that would start after it are recorded as not run")
+    p.add_argument("--dry-run", action="store_true", help="do the set-up (what is missing), print the planned rows "
+                                                          "and exit without running any")
     p.add_argument("--install", action=argparse.BooleanOptionalAction, default=True,
                    help="pip-install benchmarks/requirements-h2h.txt when accelerate or llama_cpp is missing")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "h2h"))
     args = p.parse_args(argv)
+    args.precision_list = [x.strip() for x in args.precisions.split(",") if x.strip()]
+    bad = [x for x in args.precision_list if x not in PRECISIONS]
+    if bad or not args.precision_list:
+        p.error(f"--precisions: {', '.join(bad) or 'none given'}; give a comma list of {', '.join(PRECISIONS)}")
+    bad = [x for x in args.sections.split(",") if x not in ("demo", "realshape")]
+    if bad:
+        p.error(f"--sections: {', '.join(bad)}; give a comma list of demo, realshape")
 
     t_start = time.perf_counter()
-    deadline = t_start + args.budget_min * 60
     from moelite.eval.bench import hardware
     from moelite.config import parse_budget
     from moelite.demo import demo_model_path
 
-    parse_budget(args.budget)
+    for flag, value in (("--budget", args.budget), ("--hf-budget", args.hf_budget)):
+        try:
+            if value is not None and (flag == "--hf-budget" or value.strip().lower() != "auto"):
+                parse_budget(value)
+        except ValueError as exc:
+            p.error(f"{flag}: {exc}")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
@@ -864,6 +1263,7 @@ def main(argv: list[str] | None = None) -> int:
     # 1. optional requirements, llama.cpp's converter, checkpoints, trace, GGUFs
     setup["requirements"] = ensure_requirements(args.install)
     timings["install_s"] = setup["requirements"]["install_s"]
+    deadline = t_start + timings["install_s"] + args.budget_min * 60
     converter = None
     if setup["requirements"]["llama_cpp"]:
         version = setup["requirements"]["llama-cpp-python_version"] or _pinned("llama-cpp-python")
@@ -887,22 +1287,20 @@ def main(argv: list[str] | None = None) -> int:
         trace, why, timings["trace_s"] = ensure_trace(work, demo)
         if why:
             setup["trace_error"] = why
-    demo_gguf = rs_gguf = None
-    if converter is not None:
-        demo_gguf, why, timings["gguf_demo_s"] = ensure_gguf(demo, work, converter, args.gguf_type)
-        if why:
-            setup["llama_error"] = f"GGUF conversion of the demo model failed: {why}"
-        if rs is not None:
-            rs_gguf, why, timings["gguf_realshape_s"] = ensure_gguf(rs, work, converter, args.gguf_type)
-            if why:
-                setup["llama_error_realshape"] = f"GGUF conversion of the real-shape checkpoint failed: {why}"
+    demo_files = setup_checkpoint(demo, "demo", work, converter, args, setup, timings) if "demo" in want else None
+    rs_files = setup_checkpoint(rs, "realshape", work, converter, args, setup, timings) if rs is not None else None
     timings["setup_s"] = time.perf_counter() - t_start
     for k, v in setup.items():
-        if k.endswith("error") or k.startswith("llama_error"):
+        if "error" in k:
             print(f"# {k}: {v}", flush=True)
 
     # 2. rows, section by section, each capped section in one cgroup
-    sections = plan(args, demo, rs, demo_gguf, rs_gguf, trace, setup)
+    sections = plan(args, demo, rs, demo_files, rs_files, trace, setup)
+    if args.dry_run:
+        print_plan(sections, args)
+        print(json.dumps({"dry_run": True, "rows": sum(len(r) for _, _, r in sections), "setup": setup,
+                          "timings": timings}, default=str))
+        return 0
     results: list[dict] = []
     caps: dict = {}
     for name, cap, rows in sections:
@@ -913,12 +1311,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for row in rows:
                 left = deadline - time.perf_counter()
-                if row.spec.get("engine") == "llama" and "gguf" not in row.spec:
+                if "model" not in row.spec:  # a piece of its set-up is missing: the note says which and why
                     res = not_run(row, row.note)
                 elif left < 30:
                     res = not_run(row, f"not run: the run's time budget (--budget-min {args.budget_min:g}) was spent")
                 else:
                     paths = [Path(row.spec["model"])] + ([Path(row.spec["gguf"])] if row.spec.get("gguf") else [])
+                    resolve_hf_budget(row, results)
                     off = row.spec.get("hf", {}).get("offload_folder")
                     if off:
                         shutil.rmtree(off, ignore_errors=True)
@@ -929,7 +1328,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["note"] = (res.get("note") or "") + " (outside the cgroup)"
                 results.append(res)
                 tok = f"{res['decode_tok_s']:.2f} tok/s" if res.get("decode_tok_s") else "-"
-                print(f"  {row.label:<52} {tok:>14}  {'ok' if res.get('survived') else res.get('error', '')}",
+                print(f"  {row.label:<56} {tok:>14}  {'ok' if res.get('survived') else res.get('error', '')}",
                       flush=True)
         finally:
             if cgroup is not None:
@@ -939,6 +1338,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "hardware": hardware(),
               "command": "python3 benchmarks/head_to_head.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "caps": caps, "setup": setup, "timings": timings, "threads": args.threads,
+              "budget": args.budget, "precisions": args.precision_list,
               "prompts": {"demo": [args.demo_prompts, args.demo_tokens], "realshape": [args.rs_prompts, args.rs_tokens]},
               "rows": results, "summary": summary(results)}
     result["timings"]["total_s"] = time.perf_counter() - t_start
