@@ -104,6 +104,10 @@ class EngineConfig:
     warm_start: bool = False
     # drop file pages after each expert read so the OS page cache is no hidden second cache
     drop_page_cache: bool = True
+    # check every expert read against the checksum recorded for it at the checkpoint's first load (a manifest in
+    # $MOELITE_CACHE_DIR/manifests; the first load reads every expert once to record it): a damaged or changed
+    # expert fails its request with an integrity error instead of producing output (moelite.core.integrity)
+    verify_checksums: bool = True
     # refuse .bin/.pt pickle weights unless this is set (they are converted to safetensors once, then read)
     allow_pickle: bool = False
     # score-window length (decode iterations) for cache_policy="score"

@@ -47,6 +47,7 @@ from moelite.core.expert_store import ExpertLayout, ExpertReader, SlotPool
 from moelite.core.quant import LinearQ, QuantSpec, quant_label
 from moelite.core.graph_decode import StaticDecoder, bucket
 from moelite.core.host_tier import HostTier
+from moelite.core.integrity import checksums_for
 from moelite.core.memory import auto_budget, available_memory, resident_note
 from moelite.core.loader import Loader
 from moelite.core.model import build_model
@@ -65,8 +66,9 @@ from moelite.serve.sequence import Generation, Sequence  # Generation: moelite.e
 
 class Engine:
     def __init__(self, path: str | Path | None = None, config: EngineConfig | None = None, progress: bool = True):
-        """Load in named phases: open the checkpoint, size the expert budget, build the expert manager, build the
-        model around it, set up the device's expert path, warm the cache, load the tokenizer."""
+        """Load in named phases: open the checkpoint, size the expert budget, build the expert manager, record or
+        check the experts' checksums, build the model around it, set up the device's expert path, warm the cache,
+        load the tokenizer."""
         self.config = (config or EngineConfig()).validate()
         self.lock = threading.RLock()  # one call at a time on the model, the cache and the counters
         self.requests = 0
@@ -74,6 +76,7 @@ class Engine:
         sdtype, n_slots, total = self._size_budget()
         self._check_profile()
         self._build_expert_manager(sdtype, n_slots)
+        self._attach_checksums(progress)
         self.model = build_model(self.checkpoint, self.adapter, self.hf_config, self.layout, self.reader, self.manager,
                                  self.device, self.dtype, self.top_k, progress=progress, dense16=self.dense16)
         self.host = None
@@ -201,6 +204,16 @@ class Engine:
         if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
             self.manager.add_observer(lambda layer, routing, phase: phase == DECODE and policy.observe_scores(
                 layer, routing.probs.mean(0)))
+
+    def _attach_checksums(self, progress: bool) -> None:
+        """verify_checksums: the checkpoint's expert checksums (recorded at its first load, re-checked where a shard
+        changed: core/integrity.py), against which the reader checks every expert read."""
+        self.reader.model_name = self.path.name
+        self.manifest = None
+        if self.config.verify_checksums:
+            self.manifest = checksums_for(self.checkpoint, self.layout, self.reader, progress=progress,
+                                          threads=max(1, self.config.io_threads))
+            self.reader.checksums = self.manifest.checksums
 
     # ---- set-up helpers ------------------------------------------------------------------------------------
     def _init_host_tier(self, sdtype: torch.dtype, total: int, progress: bool) -> None:
@@ -516,6 +529,7 @@ class Engine:
             # the storage dtype of the largest dense weight (small layers stay float32 on the CPU, core/dense.py)
             "dense_dtype": str(max(self.model.parameters(), key=torch.Tensor.numel).dtype).removeprefix("torch."),
             "dense_bytes": self.dense_bytes,
+            "verify_checksums": self.reader.checksums is not None,
             **self.counters().report(),
             "requests": self.requests,
             **self._cuda_stats(),

@@ -31,6 +31,7 @@ from transformers import AutoConfig
 from moelite.core.arch import adapter_for
 from moelite.core.checkpoint import Checkpoint, CheckpointError, TensorInfo
 from moelite.core.expert_store import ExpertLayout, preadv_all
+from moelite.core.integrity import forget
 from moelite.core.model import meta_model, moe_blocks, quiet_transformers_deprecations
 from moelite.core.quant import BITS, QuantSpec, quantize
 
@@ -163,4 +164,5 @@ def quantize_checkpoint(src: str | Path, dst: str | Path, bits: int, group_size:
     for f in src.iterdir():
         if f.is_file() and not f.is_symlink() and f.name.startswith(COPY_PREFIXES):
             shutil.copy(f, dst / f.name)
+    forget(dst)  # written on purpose (perhaps over an earlier one, --force): its checksums are recorded anew
     return dst

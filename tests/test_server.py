@@ -4,6 +4,7 @@ matrix, API key, metrics, client disconnect, SLO refusal, SIGTERM drain."""
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,7 +214,8 @@ def test_metrics_and_slo_refusal(server):
     for name in ("moelite_queue_depth", "moelite_running_requests", "moelite_tokens_per_second",
                  "moelite_ttft_seconds_bucket", "moelite_tpot_seconds_bucket", "moelite_expert_exact_hit_rate",
                  "moelite_expert_substituted_rate", "moelite_expert_bytes_read_total", "moelite_resident_expert_bytes",
-                 "moelite_process_rss_bytes", "moelite_slo_refused_total", "moelite_requests_total"):
+                 "moelite_process_rss_bytes", "moelite_slo_refused_total", "moelite_requests_total",
+                 "moelite_expert_read_errors_total", "moelite_expert_integrity_errors_total"):
         assert name in text, name
     assert 'moelite_requests_total{endpoint="completions",outcome="429"}' in text
 
@@ -426,3 +428,60 @@ def test_health_is_degraded_while_expert_reads_fail(server):
         finally:
             reader.failing.clear()
         assert c.get("/health").status_code == 200
+
+
+def test_nonfinite_logits_end_the_request_with_an_error_and_the_next_works(server):
+    eng = server["engine"]
+    nan_from = {"call": 0, "n": 0}  # lm_head calls from this one on give NaN logits (0: none)
+
+    def hook(module, args, out):
+        nan_from["n"] += 1
+        if nan_from["call"] and nan_from["n"] >= nan_from["call"]:
+            return torch.full_like(out, float("nan"))
+    handle = eng.model.lm_head.register_forward_hook(hook)
+    body = {"prompt": "Hello", "max_tokens": 12, "temperature": 0}
+    try:
+        with _http(server) as h:
+            nan_from.update(call=1, n=0)  # from the prefill: the error is the response's status and body
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == 500
+            msg = r.json()["error"]["message"]
+            assert "non-finite logits (NaN or inf) at the prompt's prefill" in msg and "moelite verify" in msg
+            assert "/tmp" not in r.text and "Traceback" not in r.text
+            nan_from.update(call=4, n=0)  # mid-stream (decode step 3): text, then an error event, not "stop"
+            with h.stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+                assert r.status_code == 200
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            err = events[-1]["error"]
+            assert err["code"] == 500 and "non-finite logits (NaN or inf) at decode step 3" in err["message"]
+            assert all(c["finish_reason"] is None for e in events[:-1] for c in e["choices"])
+            nan_from.update(call=0)
+            r = h.post("/v1/completions", json=body)  # the engine goes on
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == eng.generate("Hello", max_tokens=12,
+                                                                                          temperature=0).text
+    finally:
+        handle.remove()
+
+
+def test_integrity_error_is_named_in_the_error_body_and_health_degrades(server):
+    eng = server["engine"]
+    saved = eng.reader.checksums
+    eng.reader.checksums = {k: v ^ 1 for k, v in saved.items()}  # every expert read now fails its checksum
+    body = {"prompt": list(range(3, 60)), "max_tokens": 2, "temperature": 0}  # routes to more experts than fit
+    try:
+        with _http(server) as h:
+            r = h.post("/v1/completions", json=body)
+            assert r.status_code == 500
+            msg = r.json()["error"]["message"]
+            assert re.search(r"expert \d+ of layer \d+: its bytes \(.*'model.safetensors' at offset \d+\) do not "
+                             r"match the checksum recorded .*moelite verify", msg), msg
+            assert "/tmp" not in r.text and str(server["path"]) not in r.text and "Traceback" not in r.text
+            health = h.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "degraded"
+    finally:
+        eng.reader.checksums = saved
+        eng.reader.failing.clear()
+    with _http(server) as h:
+        assert h.post("/v1/completions", json=body).status_code == 200
+        assert h.get("/health").status_code == 200

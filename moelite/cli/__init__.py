@@ -5,7 +5,7 @@
   moelite eval       perplexity, agreement, alpha sweep      moelite tune       alpha for a decode-latency target
   moelite calibrate  per-layer substitution profile          moelite trace      record a routing trace
   moelite realshape  real-shape random checkpoint            moelite predict    eMoE predictors and sensitivity
-  moelite quantize   int8/int4 experts (and dense layers)
+  moelite quantize   int8/int4 experts (and dense layers)    moelite verify     a checkpoint's headers and expert checksums
 
 Contract:
   - Each command is a module of this package with NAME, HELP, `add_arguments(parser)` and `run(args) -> int`;
@@ -13,8 +13,9 @@ Contract:
     of `commands`; the others are listed with their help line). `main(argv)` builds only the chosen command's flags,
     so `moelite --help` imports neither torch nor transformers (command modules defer those imports to `run`).
   - Every --help shows each default and each fixed choice (`flags.HelpFormatter`). Flags are checked before
-    anything loads; a bad value, a missing file or any library ValueError / OSError is one line
-    `moelite: error: ...` on stderr and exit status 2 (usage errors too: `flags.Parser`); Ctrl-C exits 130. `main`
+    anything loads; a bad value, a missing file or any library ValueError / OSError / FloatingPointError (an
+    expert read or integrity error, NaN logits) is one line `moelite: error: ...` on stderr and exit status 2
+    (usage errors too: `flags.Parser`); Ctrl-C exits 130. `main`
     returns the exit status (it never raises SystemExit).
   - One name per concept in every command: the engine flags (--expert-budget, --cache-policy, ...) from
     `EngineConfig`; --max-tokens is always tokens to generate (--score-tokens: tokens scored); --data-dir /
@@ -27,10 +28,11 @@ import argparse
 import sys
 
 from moelite import __version__
-from moelite.cli import bench, calibrate, eval as eval_command, generate, info, predict, quantize, realshape, serve, trace, tune
+from moelite.cli import (bench, calibrate, eval as eval_command, generate, info, predict, quantize, realshape, serve,
+                         trace, tune, verify)
 from moelite.cli.flags import HelpFormatter, Parser
 
-COMMANDS = (generate, info, serve, bench, eval_command, tune, calibrate, trace, realshape, predict, quantize)
+COMMANDS = (generate, info, serve, bench, eval_command, tune, calibrate, trace, realshape, predict, quantize, verify)
 
 
 def build_parser(commands=None) -> argparse.ArgumentParser:
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.run(args)
-    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+    # CheckpointError is a ValueError, an expert read or integrity error an OSError, NaN logits a FloatingPointError
+    except (ValueError, OSError, FloatingPointError) as exc:
         print(f"moelite: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

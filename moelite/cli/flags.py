@@ -43,6 +43,8 @@ _HELP = {
     "cache_scope": "one pool for all layers (global) or an equal share per layer (layer)",
     "warm_start": "fill the cache in layer order at load",
     "drop_page_cache": "drop file pages after each expert read (honest budget)",
+    "verify_checksums": "check every expert read against the checksums recorded at the checkpoint's first load "
+                        "(an integrity error instead of garbage output; see `moelite verify`)",
     "allow_pickle": "accept .bin/.pt pickle weights (can run code: only for trusted files)",
     "score_window": "decode iterations the score policy averages over",
     "prefetch": "prefetch the next layer's predicted experts",

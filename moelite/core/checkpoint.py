@@ -7,7 +7,10 @@ tensor lives (file, absolute byte offset, dtype, shape) without reading tensor d
   - a shard path that leaves the folder (`../`, absolute, or a symlink pointing outside);
   - pickle weights (.bin/.pt/.pth) unless `allow_pickle=True` (then they are converted once to safetensors in a
     cache folder with `torch.load(weights_only=True)` and read from there);
-  - a truncated or corrupt safetensors header.
+  - a truncated or corrupt safetensors header;
+  - 16-bit float tensors of both kinds (F16 and BF16), or of the kind config.json does not declare (`dtype` /
+    `torch_dtype`): such a header was relabelled, and its bytes would be read in the wrong number format. (The
+    routed experts' dtype must equal the declared one exactly: `ExpertLayout.build`.)
 Architecture support is checked by `moelite.core.arch.adapter_for`.
 """
 
@@ -28,6 +31,11 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+#: torch dtype -> its safetensors name (error messages say what the header says)
+HEADER_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+#: config.json's dtype names (transformers writes `dtype`, before 5.0 `torch_dtype`)
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+                 "float32": torch.float32, "float": torch.float32, "float64": torch.float64}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -176,7 +184,39 @@ class Checkpoint:
                 tensors[name] = info
         ckpt = cls(folder, config, tensors, files)
         ckpt._check_index()
+        ckpt._check_dtypes()
         return ckpt
+
+    @property
+    def declared_dtype(self) -> torch.dtype | None:
+        """The dtype config.json declares (`dtype`, or `torch_dtype` before transformers 5); None when it names
+        none (or no float type)."""
+        value = self.config.get("dtype") or self.config.get("torch_dtype")
+        return CONFIG_DTYPES.get(value) if isinstance(value, str) else None
+
+    def _check_dtypes(self) -> None:
+        """16-bit float tensors are all of one kind, the declared one when config.json declares a 16-bit dtype (see
+        the module contract)."""
+        half = (torch.bfloat16, torch.float16)
+        first: dict[torch.dtype, str] = {}
+        for name, t in self.tensors.items():
+            if t.dtype in half:
+                first.setdefault(t.dtype, name)
+        declared = self.declared_dtype
+        if declared in half:
+            bad = next((d for d in first if d != declared), None)
+            other = f"config.json declares dtype {str(declared).removeprefix('torch.')!r}"
+        else:
+            bad = torch.float16 if len(first) == 2 else None
+            other = f"tensor {first.get(torch.bfloat16)!r} is BF16"
+        if bad is not None:
+            name = first[bad]
+            raise CheckpointError(
+                f"{self.display(self.tensors[name].file)}: tensor {name!r} is {HEADER_NAMES[bad]} in the safetensors "
+                f"header, but {other}; a checkpoint stores its 16-bit weights in one format, so this header was "
+                "relabelled and the bytes would be read as the wrong number format: re-download or re-save the "
+                "checkpoint (if the weights really are in that format, convert them all to one and set \"dtype\" "
+                "in config.json to it)")
 
     @staticmethod
     def _weight_files(folder: Path, allow_pickle: bool) -> list[Path]:

@@ -110,7 +110,9 @@ class Snapshot:
     bytes_read: int = 0
     reads: int = 0
     read_errors: int = 0
+    integrity_errors: int = 0
     io_seconds: float = 0.0
+    checksum_seconds: float = 0.0
     stall_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -155,7 +157,9 @@ class Snapshot:
             "expert_bytes_read": self.bytes_read,
             "expert_reads": self.reads,
             "expert_read_errors": self.read_errors,
+            "expert_integrity_errors": self.integrity_errors,
             "io_seconds": self.io_seconds,
+            "checksum_seconds": self.checksum_seconds,
             "stall_seconds": self.stall_seconds,
             "expert_compute_seconds": self.compute_seconds,
         })
@@ -167,7 +171,8 @@ _SCALARS = tuple(f.name for f in fields(Snapshot) if f.name not in PHASES)
 
 class Counters:
     """The running counts (see the module contract). Main-thread fields are plain attributes; the reader's I/O
-    totals (bytes_read, reads, read_errors, io_seconds) are added under the reader's lock."""
+    totals (bytes_read, reads, read_errors, integrity_errors, io_seconds, checksum_seconds) are added under the
+    reader's lock."""
 
     def __init__(self):
         self.prefill = PhaseCounts()

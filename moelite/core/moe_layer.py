@@ -398,7 +398,11 @@ class ExpertManager:
                     break
                 if not self.cache.resident((layer, e)):
                     slot = self.cache.acquire((layer, e))
-                    self.reader.read_into((layer, e), slot)
+                    try:
+                        self.reader.read_into((layer, e), slot)
+                    except BaseException:
+                        self.cache.release(slot)  # a failed read (an integrity error) keeps no slot
+                        raise
                     self.cache.commit((layer, e), slot)
                     n += 1
         return n

@@ -146,6 +146,7 @@ def worker(spec: dict) -> dict:
         **{k: s[k] for k in ("decode_exact_hit_rate", "decode_read_wait_rate", "exact_hit_rate", "expert_hits",
                              "expert_misses", "expert_reads_in_flight")},
         "expert_bytes_read": s["expert_bytes_read"], "io_seconds": s["io_seconds"],
+        "verify_checksums": s["verify_checksums"], "checksum_seconds": s["checksum_seconds"],
         "stall_seconds": s["stall_seconds"], "prefetch_precision": s["prefetch_precision"],
         "prefetch_recall": s["prefetch_recall"], "expert_substitutions": s["expert_substitutions"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

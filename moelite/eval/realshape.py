@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, Qwen2MoeConfig
 
+from moelite.core.integrity import forget
+
 PRESETS = {
     # Qwen3-30B-A3B expert shapes with the demo model's 64 experts / top-8 / one shared expert
     "qwen3-30b-a3b-64e": dict(hidden_size=2048, moe_intermediate_size=768, num_experts=64, num_experts_per_tok=8,
@@ -105,5 +107,6 @@ def make_realshape(out: str | Path, preset: str = "qwen3-30b-a3b-64e", layers: i
         for f in Path(tokenizer_from).iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "generation_config")):
                 shutil.copy(f, out / f.name)
+    forget(out)  # written on purpose (perhaps over an earlier one, --force): its checksums are recorded anew
     return out
 

@@ -19,7 +19,12 @@ Contract:
     (tests/test_batching.py). Each step's model work runs in `engine.request(alpha=...)` (the engine's lock, the
     step's alpha, restored after): per-sequence alphas reach the MoE layers as a [B] tensor when they differ.
   - A failed prefill fails only its sequences (event "error" 500, exception in `seq.error`); a failed decode step
-    raises out of `step()` (the background loop then fails what was running).
+    raises out of `step()` (the background loop then fails what was running). An expert that cannot be read or
+    fails its checksum (`ExpertReadError`, `ExpertIntegrityError`) is named in the error event's message (file
+    names only, never a path); other failures say "internal error".
+  - Non-finite logits: after each prefill and decode step one isfinite reduction over the logits rows; a sequence
+    whose row holds NaN or inf ends at once with `NonFiniteOutputError` (event "error" 500 with the message,
+    `seq.error`), never with garbage or an empty text; the other sequences go on.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from contextlib import contextmanager
 import torch
 
 from moelite.config import check_alpha
+from moelite.core.expert_store import ExpertReadError
+from moelite.core.integrity import NonFiniteOutputError
 from moelite.core.sampling import sample
 from moelite.serve.detokenizer import StreamingDetokenizer
 from moelite.serve.runner import DynamicRunner
@@ -128,11 +135,14 @@ class Batcher:
                     return
             try:
                 self.step()
-            except Exception:  # never let one bad step kill the server: fail what was running, go on
-                log.exception("batcher step failed")
+            except Exception as exc:  # never let one bad step kill the server: fail what was running, go on
+                if isinstance(exc, ExpertReadError):
+                    log.error("batcher step failed: %s", exc)
+                else:
+                    log.exception("batcher step failed")
                 for s in self.running:
                     self.runner.release(s)
-                    _emit(s, ("error", 500, "internal error while decoding", None))
+                    _emit(s, ("error", 500, _public(exc, "internal error while decoding"), None))
                 self.running.clear()
             if self.waiting and not self.running:
                 time.sleep(0.005)  # nothing admissible yet: do not spin
@@ -210,18 +220,25 @@ class Batcher:
             with self._request(group):
                 logits = self.runner.prefill(group)  # [B, V]
         except Exception as exc:
-            log.exception("prefill failed")
+            if isinstance(exc, ExpertReadError):  # a named fault: its message says it all
+                log.error("prefill failed: %s", exc)
+            else:
+                log.exception("prefill failed")
             for s in group:
                 s.error = exc
                 self.runner.release(s)
-                _emit(s, ("error", 500, "internal error during prefill", None))
+                _emit(s, ("error", 500, _public(exc, "internal error during prefill"), None))
             return
         spent = eng.counters() - before
         self.scheduler.observe_prefill(sum(len(s.prompt_ids) for s in group), time.perf_counter() - t0,
                                        spent.total.misses, spent.io_seconds)
         self.running.extend(group)
+        bad = _nonfinite_rows(logits)
         for i, s in enumerate(group):
-            self._accept(s, logits[i])
+            if i in bad:
+                self._fail_nonfinite(s, "the prompt's prefill")
+            else:
+                self._accept(s, logits[i])
 
     def _decode(self) -> None:
         seqs = list(self.running)
@@ -230,8 +247,24 @@ class Batcher:
             logits = self.runner.decode(seqs)  # [B, V]
         self.steps += 1
         self.scheduler.observe_step(len(seqs), time.perf_counter() - t0)
+        bad = _nonfinite_rows(logits)
         for i, s in enumerate(seqs):
-            self._accept(s, logits[i])
+            if i in bad:
+                self._fail_nonfinite(s, f"decode step {len(s.out_ids)} (output token {len(s.out_ids) + 1})")
+            else:
+                self._accept(s, logits[i])
+
+    def _fail_nonfinite(self, s: Sequence, where: str) -> None:
+        """End `s` with a NonFiniteOutputError (its logits hold NaN or inf): an error, never garbage text."""
+        log.error("non-finite logits at %s of a request; the request is ended", where)
+        s.error = NonFiniteOutputError(
+            f"the model produced non-finite logits (NaN or inf) at {where} of this request, so its output would "
+            "be meaningless and the request was ended; the usual cause is damaged weights: run `moelite verify` "
+            f"on the model folder ({self.engine.path.name!r}) and restore what it reports")
+        if s in self.running:
+            self.running.remove(s)
+        self.runner.release(s)
+        _emit(s, ("error", 500, str(s.error), None))
 
     # ---- per token ------------------------------------------------------------------------------------------
     def _accept(self, s: Sequence, logits: torch.Tensor) -> None:
@@ -282,6 +315,18 @@ class Batcher:
                            "prompt_tokens": len(s.prompt_ids), "completion_tokens": n, "ttft_s": ttft,
                            "tpot_s": tpot, "queue_s": (s.t_admit or s.arrival) - s.arrival, "alpha": s.alpha,
                            "degraded": s.degraded}))
+
+
+def _nonfinite_rows(logits: torch.Tensor) -> set[int]:
+    """Rows of logits [B, V] holding NaN or inf (one reduction; a set only when there are any)."""
+    ok = torch.isfinite(logits).all(dim=-1)
+    return set() if bool(ok.all()) else set((~ok).nonzero().flatten().tolist())
+
+
+def _public(exc: BaseException, fallback: str) -> str:
+    """What a client is told about a failed step: an expert read or integrity failure's own message (it names the
+    expert, tensors and shard files, never a path), else `fallback`."""
+    return str(exc) if isinstance(exc, (ExpertReadError, NonFiniteOutputError)) else fallback
 
 
 def _emit(s: Sequence, ev: tuple) -> None:

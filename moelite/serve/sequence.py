@@ -8,7 +8,8 @@ Contract:
         ("text", piece)                         a decoded text piece (one or more tokens)
         ("done", result_dict)                   finished: text, token_ids, finish_reason, usage and timings
         ("error", status, message, retry_after) refused (429/503), timed out in the queue (429) or failed (500);
-                                                a failed prefill leaves its exception in `seq.error`
+                                                a failed prefill, or NaN / inf logits (NonFiniteOutputError),
+                                                leave the exception in `seq.error`
     `seq.cancel()` (thread-safe) drops it at the next step boundary, freeing its KV cache.
   - Teacher forcing: with `forced` (a list of token ids, `params.max_tokens == len(forced)`), output token i is
     `forced[i]` instead of a sampled one, `seq.logits[i]` (float32 [V]) records the logits it would have been
