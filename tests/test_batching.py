@@ -233,3 +233,36 @@ def test_mixed_alphas_keep_the_exact_sequence_exact(tiny):
     got = batch_generate(eng, prompts, max_tokens=10, temperature=0, substitution_alpha=[0.5, 0.0, 0.5])
     assert got[1].token_ids == exact
     assert (eng.counters() - before).total.substitutions > 0  # the others did substitute
+
+
+def test_unreadable_expert_fails_only_the_sequences_that_need_it(tiny):
+    """A decode step of three sequences fails part-way on an expert read (the KV caches of the first layers already
+    grew): the step is rolled back and run per sequence; the one whose own step cannot read fails with the read
+    error, the other two go on and end with exactly the tokens they have alone."""
+    from moelite.core.expert_store import ExpertReadError
+
+    eng = _engine(tiny, "qwen2_moe")
+    prompts = _prompts(3, seed=5)
+    ref = [eng.generate(p, max_tokens=8, temperature=0).token_ids for p in prompts]
+    b = Batcher(eng, max_batch=4)
+    events: dict[int, list] = {0: [], 1: [], 2: []}
+    seqs = [Sequence(p, SamplingParams(8, 0.0).validate(), emit=events[i].append) for i, p in enumerate(prompts)]
+    for s in seqs:
+        b.submit(s)
+    b.step()  # prefill all three, first decode step
+    real = b.runner.decode
+    bad = seqs[1]
+
+    def decode(batch):  # the batch's forward runs (caches grow), then the unreadable expert stops it
+        out = real(batch)
+        if bad in batch:
+            raise ExpertReadError("expert 3 of layer 1: short read in 'model.safetensors' at offset 123")
+        return out
+    b.runner.decode = decode
+    while b.running:
+        b.step()
+    done = {i: [e for e in ev if e[0] == "done"] for i, ev in events.items()}
+    assert done[0][0][1]["token_ids"] == ref[0] and done[2][0][1]["token_ids"] == ref[2]
+    errors = [e for e in events[1] if e[0] == "error"]
+    assert not done[1] and len(errors) == 1 and "expert 3 of layer 1" in errors[0][2]
+    assert isinstance(bad.error, ExpertReadError) and bad.cache is None

@@ -18,8 +18,10 @@ Contract:
     its timeout ("timeout"). Greedy output is token-for-token `engine.generate(..., temperature=0)`
     (tests/test_batching.py). Each step's model work runs in `engine.request(alpha=...)` (the engine's lock, the
     step's alpha, restored after): per-sequence alphas reach the MoE layers as a [B] tensor when they differ.
-  - A failed prefill fails only its sequences (event "error" 500, exception in `seq.error`); a failed decode step
-    raises out of `step()` (the background loop then fails what was running). An expert that cannot be read or
+  - A failed prefill fails only its sequences (event "error" 500, exception in `seq.error`). A decode step of
+    several sequences that fails on an expert read (`ExpertReadError`) is rolled back (`runner.rollback`) and run
+    again one sequence at a time, so only the sequences that need the unreadable expert fail; any other failed
+    decode step raises out of `step()` (the background loop then fails what was running). An expert that cannot be read or
     fails its checksum (`ExpertReadError`, `ExpertIntegrityError`) is named in the error event's message (file
     names only, never a path); other failures say "internal error".
   - Non-finite logits: after each prefill and decode step one isfinite reduction over the logits rows; a sequence
@@ -243,16 +245,42 @@ class Batcher:
     def _decode(self) -> None:
         seqs = list(self.running)
         t0 = time.perf_counter()
-        with self._request(seqs):
-            logits = self.runner.decode(seqs)  # [B, V]
+        mark = self.runner.mark(seqs) if len(seqs) > 1 and hasattr(self.runner, "rollback") else None
+        try:
+            with self._request(seqs):
+                logits = self.runner.decode(seqs)  # [B, V]
+        except ExpertReadError as exc:
+            if mark is None or not self.runner.rollback(seqs, mark):
+                raise
+            log.error("decode step failed (%s); stepping its %d sequences one by one", exc, len(seqs))
+            seqs, logits = self._decode_one_by_one(seqs)
+            if not seqs:
+                return
+        else:
+            self.scheduler.observe_step(len(seqs), time.perf_counter() - t0)
         self.steps += 1
-        self.scheduler.observe_step(len(seqs), time.perf_counter() - t0)
         bad = _nonfinite_rows(logits)
         for i, s in enumerate(seqs):
             if i in bad:
                 self._fail_nonfinite(s, f"decode step {len(s.out_ids)} (output token {len(s.out_ids) + 1})")
             else:
                 self._accept(s, logits[i])
+
+    def _decode_one_by_one(self, seqs: list[Sequence]) -> tuple[list[Sequence], torch.Tensor]:
+        """The sequences of a failed (and rolled back) decode step, each alone: those whose own step cannot read an
+        expert fail with its error; the others' logits come back [B', V]."""
+        ok, rows = [], []
+        for s in seqs:
+            try:
+                with self._request([s]):
+                    rows.append(self.runner.decode([s]))
+                ok.append(s)
+            except ExpertReadError as exc:
+                s.error = exc
+                self.running.remove(s)
+                self.runner.release(s)
+                _emit(s, ("error", 500, _public(exc, "internal error while decoding"), None))
+        return ok, (torch.cat(rows) if rows else torch.empty(0))
 
     def _fail_nonfinite(self, s: Sequence, where: str) -> None:
         """End `s` with a NonFiniteOutputError (its logits hold NaN or inf): an error, never garbage text."""

@@ -6,6 +6,9 @@ Contract (both runners; the batcher calls them with the engine's lock held and t
     whatever its length), the logits of its last position; sets `seq.cache`.
   - `decode(seqs) -> logits [B, V]`: one decode step feeding each sequence's `last_token`.
   - `release(seq)`: the sequence left the batch (finished, cancelled, failed): its cache goes now.
+  - `mark(seqs)` -> a token of the sequences' cache lengths, `rollback(seqs, token)` -> whether their caches could
+    be brought back to those lengths (a decode step that failed part-way appended to some layers only); the
+    DynamicRunner crops each layer, a sliding-window layer that has dropped its oldest entry cannot be restored.
   - `flush()`: deferred bookkeeping of the last step (the CUDA-graph decoder's), before counters are read.
   - `lock_step`: False: sequences join and leave between steps, prefilled one by one. True: all sequences are
     admitted and prefilled together once, and their rows keep decoding (a dummy token) until all are done.
@@ -96,6 +99,24 @@ class DynamicRunner:
 
     def release(self, s: Sequence) -> None:
         s.cache = None
+
+    @staticmethod
+    def mark(seqs: list[Sequence]) -> list[list[int]]:
+        return [[layer.keys.shape[-2] if layer.is_initialized else 0 for layer in s.cache.layers] for s in seqs]
+
+    @staticmethod
+    def rollback(seqs: list[Sequence], token: list[list[int]]) -> bool:
+        grown = []
+        for s, lengths in zip(seqs, token):
+            now = DynamicRunner.mark([s])[0]
+            if len(now) < len(lengths) or any(n not in (b, b + 1) for n, b in zip(now, lengths)):
+                return False  # a layer dropped an old entry (sliding window) or changed otherwise: not restorable
+            grown.append((s, now, lengths))
+        for s, now, lengths in grown:
+            for layer, n, b in zip(s.cache.layers, now, lengths):
+                if n > b:
+                    layer.crop(b - n)
+        return True
 
     def flush(self) -> None:
         pass
