@@ -11,8 +11,8 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
     faults for every call) and multiplied there. Either way the result equals a float32 layer over the same weights
     up to summation order.
   - `Embedding16(weight)`: rows looked up in the stored dtype, returned in float32.
-  - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16 (shared experts, dense
-    MLP layers) gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
+  - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16, or int8/int4 `LinearQ`
+    of one scheme (shared experts, dense MLP layers), gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
     call (`native.swiglu_pairs` over a single slot) instead of three products and two elementwise ops.
   - `fuse_projections(model)`: after loading, the q/k/v projections of an attention module (all Linear16 of one
     dtype, or all `quant.LinearQ` of one scheme; biases all or none) get their weights in one block, so that at
@@ -132,23 +132,38 @@ def _fused_swiglu_forward(mod: nn.Module, gate_up: torch.Tensor, down: torch.Ten
 
 
 def fuse_swiglu(model: nn.Module) -> int:
-    """Give every SwiGLU MLP of Linear16 projections a one-call forward (see the contract); returns how many."""
+    """Give every SwiGLU MLP of Linear16 projections, or of `quant.LinearQ` projections of one scheme, a one-call
+    forward (see the contract); returns how many."""
     if not native.available():
         return 0
     n = 0
     for mod in model.modules():
         g, u, d = (getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj"))
-        if not all(isinstance(p, Linear16) and p.bias is None for p in (g, u, d)):
+        if not is_silu(getattr(mod, "act_fn", None)) or any(p is None or p.bias is not None for p in (g, u, d)) \
+                or (g.out_features, g.in_features) != (u.out_features, u.in_features) \
+                or (d.out_features, d.in_features) != (g.in_features, g.out_features):
             continue
-        if g.weight.shape != u.weight.shape or len({g.weight.dtype, u.weight.dtype, d.weight.dtype}) != 1 \
-                or d.weight.shape != (g.in_features, g.out_features) or not is_silu(getattr(mod, "act_fn", None)):
+        i, h = g.out_features, g.in_features
+        if all(type(p) is Linear16 for p in (g, u, d)):
+            if len({g.weight.dtype, u.weight.dtype, d.weight.dtype}) != 1:
+                continue
+            with torch.no_grad():
+                gate_up = torch.cat([g.weight, u.weight])  # [2I, H]: gate rows, then up rows
+            g.weight = nn.Parameter(gate_up[:i], requires_grad=False)
+            u.weight = nn.Parameter(gate_up[i:], requires_grad=False)
+            gu, dn = gate_up.view(1, 2 * i, h), d.weight.view(1, h, i)
+        elif all(type(p) is quant.LinearQ for p in (g, u, d)):
+            if len({(p.bits, p.group, p.weight_scale.dtype) for p in (g, u, d)}) != 1 or h % 32 or i % 32:
+                continue
+            with torch.no_grad():
+                packed, scale = torch.cat([g.weight_packed, u.weight_packed]), torch.cat([g.weight_scale, u.weight_scale])
+            g.weight_packed, u.weight_packed = packed[:i], packed[i:]
+            g.weight_scale, u.weight_scale = scale[:i], scale[i:]
+            gu = quant.QWeight(packed.view(torch.uint8)[None], scale[None], g.bits, g.group)
+            dn = quant.QWeight(d.weight_packed.view(torch.uint8)[None], d.weight_scale[None], g.bits, g.group)
+        else:
             continue
-        i, h = g.weight.shape
-        with torch.no_grad():
-            gate_up = torch.cat([g.weight, u.weight])  # [2I, H]: gate rows, then up rows
-        g.weight = nn.Parameter(gate_up[:i], requires_grad=False)
-        u.weight = nn.Parameter(gate_up[i:], requires_grad=False)
-        mod.forward = partial(_fused_swiglu_forward, mod, gate_up.view(1, 2 * i, h), d.weight.view(1, h, i))
+        mod.forward = partial(_fused_swiglu_forward, mod, gu, dn)
         n += 1
     return n
 

@@ -123,8 +123,7 @@ def build_model(ckpt: Checkpoint, adapter: ArchAdapter, hf_config, layout: Exper
                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
-    if dense16 is not None:
-        dense.fuse_swiglu(model)
+    dense.fuse_swiglu(model)  # shared experts / dense MLPs in one native call (16-bit or quantized dense weights)
     dense.fuse_projections(model)  # q/k/v in one native call at decode (16-bit or quantized dense weights)
 
     wrapped = {i: OffloadedMoEBlock(blocks[i], i, adapter, manager, top_k) for i in sorted(blocks)}
