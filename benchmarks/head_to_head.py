@@ -52,11 +52,8 @@ Expert budget (--budget, default auto). moelite's expert_budget="auto" takes the
 memory cgroup's limit minus usage), minus the dense weights, a KV cache of up to 4096 tokens and 10% headroom
 (moelite/core/memory.py), much as llama.cpp's page cache fills the whole cap. Each moelite row's notes say what it
 resolved to (bytes, share of the routed experts, moelite's own arithmetic). A percentage or size (--budget 25%) is
-given to every moelite row as it is. moelite's cgroup reader looks at the root of the cgroup hierarchy
-(/sys/fs/cgroup/memory/memory.limit_in_bytes, /sys/fs/cgroup/memory.max), not at the process's own cgroup, so in
-this script's nested cgroup it would see the machine's MemAvailable; when the worker finds moelite's figure larger
-than its own cgroup's limit minus usage, it hands moelite that figure (moelite's arithmetic unchanged) and the row
-notes say so.
+given to every moelite row as it is. moelite reads the limit of the worker's own memory cgroup (/proc/self/cgroup),
+so the row's cap is what `auto` fills.
 
 Sections: the demo model uncapped (no cgroup, everything resident), the demo model capped (--budget, inside a memory
 cgroup of --demo-cap) and the real-shape checkpoint (random weights with Qwen3-30B-A3B expert shapes, 64 experts,
@@ -248,54 +245,6 @@ def _decode_loop(step, prompt_ids: list[int], max_tokens: int, meter: Meter) -> 
     meter.prompt_done(toks, ttft, len(toks) - 1, time.perf_counter() - t1)
 
 
-def _own_cgroup_room() -> int | None:
-    """Limit minus usage of the memory cgroup this process is in (cgroup v1 memory controller, else v2), the
-    tightest along its path up to the hierarchy's root; None where no limit applies."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    places = []
-    for line in lines:
-        hid, ctrls, rel = (line.split(":", 2) + ["", ""])[:3]
-        if "memory" in ctrls.split(","):
-            places.append((Path("/sys/fs/cgroup/memory"), rel, "memory.limit_in_bytes", "memory.usage_in_bytes"))
-        elif hid == "0" and ctrls == "":
-            places.append((Path("/sys/fs/cgroup"), rel, "memory.max", "memory.current"))
-    room = None
-    for mount, rel, limit_name, usage_name in places:
-        d = mount / rel.strip("/")
-        while True:
-            try:
-                limit = (d / limit_name).read_text().strip()
-                if limit != "max" and int(limit) < (1 << 60):
-                    r = max(0, int(limit) - int((d / usage_name).read_text().strip()))
-                    room = r if room is None else min(room, r)
-            except (OSError, ValueError):
-                pass
-            if d == mount or d.parent == d:
-                break
-            d = d.parent
-    return room
-
-
-def _auto_sees_own_cgroup() -> str | None:
-    """moelite's expert_budget="auto" reads the cgroup limit at the hierarchy's root; in a nested cgroup (this
-    script's) it would see the machine's MemAvailable. When moelite's figure exceeds this process's own cgroup room,
-    hand moelite's reader that room (its arithmetic is unchanged) and say so; None when moelite sees the cap itself."""
-    import moelite.core.memory as mem
-
-    room = _own_cgroup_room()
-    if room is None:
-        return None
-    seen, source = mem.available_memory("cpu")
-    if seen <= room + (64 << 20):
-        return None
-    mem._cgroup_room = _own_cgroup_room
-    return (f"moelite's auto saw {_size(seen)} ({source}: its cgroup reader looks at the hierarchy's root); the "
-            f"worker gave it its own cgroup's limit minus usage, {_size(room)}")
-
-
 def worker_moelite(spec: dict) -> None:
     import torch
 
@@ -303,7 +252,6 @@ def worker_moelite(spec: dict) -> None:
     from moelite.core.traces import Trace, TraceReplay
 
     torch.set_num_threads(spec["threads"])
-    cgroup_fix = _auto_sees_own_cgroup() if spec["config"].get("expert_budget") == "auto" else None
     t0 = time.perf_counter()
     engine = moelite.load(spec["model"], device="cpu", **spec["config"])
     load_s = time.perf_counter() - t0
@@ -312,7 +260,7 @@ def worker_moelite(spec: dict) -> None:
     engine.eos_ids = set()  # decode exactly max_tokens tokens, as every other engine here
     meter = Meter(len(spec["prompts"]), _proc_read_bytes())
     s = engine.stats()
-    meter.extra.update({"load_s": load_s, "auto_cgroup_fix": cgroup_fix,
+    meter.extra.update({"load_s": load_s,
                         **{k: s.get(k) for k in ("expert_budget_bytes", "expert_budget_note", "routed_expert_bytes",
                                                  "expert_slots", "expert_slot_dtype", "expert_quant",
                                                  "dense_quantized_layers", "dense_dtype", "dense_bytes")}})
@@ -570,8 +518,6 @@ def _budget_text(row: Row, res: dict) -> str:
     text = f"budget {asked!r} resolved to {_size(b)}{what}"
     if res.get("expert_budget_note"):
         text += f" [moelite: {res['expert_budget_note']}]"
-    if res.get("auto_cgroup_fix"):
-        text += f" [{res['auto_cgroup_fix']}]"
     return text
 
 
