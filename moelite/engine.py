@@ -162,7 +162,7 @@ class Engine:
                 f"of {format_bytes(slot_bytes)}, but one layer's top-k needs {self.top_k}{scope} = {need} slots "
                 f"({format_bytes(need * slot_bytes)}); raise the budget to at least that "
                 f"(all routed experts: {format_bytes(total)})")
-        self.budget_bytes = budget
+        self.budget_bytes = min(budget, total)  # a budget beyond every expert holds every expert, no more
         if self.config.expert_budget != "auto":  # a budget the user gave: refuse it now if it cannot fit
             fit = auto_budget(self.device, self.dense_bytes, self.hf_config, self.dtype, total)
             if n_slots * slot_bytes > fit.bytes:

@@ -87,3 +87,12 @@ def test_cgroup_room_reads_this_process_cgroup_and_its_ancestors(tmp_path):
     (v2 / "memory.max").write_text(f"{2 << 30}\n")
     (v2 / "memory.current").write_text(f"{1 << 30}\n")
     assert memory._cgroup_room("0::/svc\n", v2) == 1 << 30
+
+
+def test_budget_beyond_every_expert_reports_what_it_holds(tiny):
+    import moelite
+
+    eng = moelite.load(tiny("qwen2_moe"), expert_budget="40GiB")
+    total = eng.layout.total_bytes if hasattr(eng.layout, "total_bytes") else eng.pool.n_slots * eng.pool.slot_bytes
+    assert eng.pool.n_slots == len(eng.layout.experts)
+    assert eng.stats()["expert_budget_bytes"] == total < (40 << 30)

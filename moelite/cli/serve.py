@@ -106,4 +106,13 @@ def run(args) -> int:
           f"(scheduler {sched.mode}, max batch {sched.max_batch}, key {'on' if settings.api_key else 'off'})",
           file=sys.stderr, flush=True)
     serve(engine, settings, args.log_level)
-    return 0
+    # The server has stopped and drained: end the process now. Interpreter teardown (thread pools, torch) takes a
+    # second or more, with Python's signal handlers already reset, so a second SIGTERM then would kill the process
+    # (status -15) instead of the documented 143; nothing is left to write.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)

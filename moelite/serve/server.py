@@ -33,8 +33,11 @@ import hmac
 import ipaddress
 import json
 import logging
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -543,15 +546,29 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "in
 
         drain_deadline: float | None = None
 
+        @staticmethod
+        def _exit_now(sig=None, frame=None):
+            log.warning("second signal: exiting now")
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(143)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+            # uvicorn has put the default handlers back: from here to the process's end (the rest of shutdown) a
+            # signal would kill it (status -15). A further signal exits at once with 143, as during the drain.
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, self._exit_now)
+
         def handle_exit(self, sig, frame):
             if self.drain_deadline is not None:  # second signal: stop now
-                log.warning("second signal: exiting now")
-                for stream in (sys.stdout, sys.stderr):
-                    try:
-                        stream.flush()
-                    except (OSError, ValueError):
-                        pass
-                os._exit(143)
+                self._exit_now()
             self.drain_deadline = time.monotonic() + settings.drain_timeout_s
             st.draining = True
             st.batcher.drain()
