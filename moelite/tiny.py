@@ -2,16 +2,30 @@
 
 Used by the tests, by `moelite generate` before a trained demo model exists, and by benchmarks. Each is a standard
 Hugging Face folder (config.json + model.safetensors [+ tokenizer]) made with `from_config` + `save_pretrained`.
+`edit_header(file, edit)` rewrites a safetensors file's JSON header through `edit(header)` (the fault tests and
+benchmarks/faults.py damage headers with it).
 """
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config, MixtralConfig, OlmoeConfig,
                           PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen3MoeConfig)
+
+def edit_header(f: Path, edit) -> None:
+    """Rewrite safetensors file `f`'s JSON header through `edit(header)` (in place), keeping its tensor bytes."""
+    data = Path(f).read_bytes()
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + hlen])
+    edit(header)
+    raw = json.dumps(header).encode()
+    Path(f).write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
+
 
 ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 

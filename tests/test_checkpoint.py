@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import moelite
+from moelite.tiny import edit_header
 from moelite.core.arch import SUPPORTED
 from moelite.core.checkpoint import Checkpoint, CheckpointError
 
@@ -165,22 +166,12 @@ def test_bad_config_json(ckpt_copy):
         Checkpoint.open(ckpt_copy)
 
 
-def _edit_header(f, edit):
-    """Rewrite a safetensors file's JSON header through `edit(header)`, keeping its tensor bytes."""
-    data = f.read_bytes()
-    (hlen,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + hlen])
-    edit(header)
-    raw = json.dumps(header).encode()
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
-
-
 def test_header_with_overlapping_tensors_is_refused(ckpt_copy):
     def overlap(h):
         a, b = sorted((n for n in h if n != "__metadata__"), key=lambda n: h[n]["data_offsets"][0])[:2]
         h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] +
                                 h[b]["data_offsets"][1] - h[b]["data_offsets"][0]]  # b now starts where a does
-    _edit_header(ckpt_copy / "model.safetensors", overlap)
+    edit_header(ckpt_copy / "model.safetensors", overlap)
     with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header: tensors .* overlap"):
         Checkpoint.open(ckpt_copy)
 
@@ -189,6 +180,6 @@ def test_header_with_non_integer_shape_is_refused(ckpt_copy):
     def floats(h):
         name = next(n for n in h if n != "__metadata__")
         h[name]["shape"] = [float(s) for s in h[name]["shape"]]
-    _edit_header(ckpt_copy / "model.safetensors", floats)
+    edit_header(ckpt_copy / "model.safetensors", floats)
     with pytest.raises(CheckpointError, match="an integer shape"):
         Checkpoint.open(ckpt_copy)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import moelite
+from moelite.tiny import edit_header
 from moelite.cli import main
 from moelite.core import integrity
 from moelite.core.checkpoint import CheckpointError
@@ -217,15 +218,6 @@ def test_verify_reads_quantized_checkpoints(tiny, tmp_path):
          for k, h in json.loads(manifest_path(integrity.open_layout(out)[0]).read_text())["experts"].items()}
 
 
-def _edit_header(f, edit):
-    data = f.read_bytes()
-    (hlen,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + hlen])
-    edit(header)
-    raw = json.dumps(header).encode()
-    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + hlen:])
-
-
 def test_relabelled_header_dtype_is_refused_at_load(tiny, tmp_path):
     path = _copy(tiny, tmp_path, dtype=torch.bfloat16)
     name = "model.layers.1.mlp.experts.5.up_proj.weight"
@@ -233,7 +225,7 @@ def test_relabelled_header_dtype_is_refused_at_load(tiny, tmp_path):
     def relabel(h):
         assert h[name]["dtype"] == "BF16"
         h[name]["dtype"] = "F16"  # same byte count: only the number format changes
-    _edit_header(path / "model.safetensors", relabel)
+    edit_header(path / "model.safetensors", relabel)
     with pytest.raises(CheckpointError, match=rf"model.safetensors: tensor '{name}' is F16 in the safetensors header, "
                                               r"but config.json declares dtype 'bfloat16'.*relabelled.*re-download"):
         moelite.load(path)
