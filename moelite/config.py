@@ -100,7 +100,8 @@ class EngineConfig:
     dense_dtype: str = "auto"
     # one pool shared by all layers ("global") or an equal share per MoE layer ("layer")
     cache_scope: str = "global"
-    # fill the cache in layer order at load (SMoE) or start empty
+    # fill the cache in layer order at load (SMoE) or start empty; an expert_budget="auto" that holds every routed
+    # expert fills it at load either way (the memory is there: experts are not read during the first requests)
     warm_start: bool = False
     # drop file pages after each expert read so the OS page cache is no hidden second cache
     drop_page_cache: bool = True

@@ -83,8 +83,9 @@ class Engine:
         self._decoders: dict = {}
         if self.device.type == "cuda":
             self._init_host_tier(sdtype, total, progress)
-        if self.config.warm_start:
-            self.warm_up()
+        if self.config.warm_start or (self.config.expert_budget == "auto" and self.device.type == "cpu"
+                                      and self.pool.n_slots >= len(self.layout.experts)):
+            self.warm_up()  # asked for, or "auto" holds every expert: read them now, not during the first requests
         self.tokenizer = self._load_tokenizer()
         self.max_context = int(getattr(self.hf_config, "max_position_embeddings", 2048))
         self.eos_ids = self._eos_ids()

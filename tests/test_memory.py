@@ -40,7 +40,16 @@ def test_auto_budget_fills_what_is_left(tiny, monkeypatch):
         full.generate(ids, max_tokens=8, temperature=0).token_ids
     # more memory than the experts need: every expert, no more
     monkeypatch.setattr(memory, "available_memory", lambda device="cpu": (1 << 40, "test"))
-    assert moelite.load(path, expert_budget="auto").pool.n_slots == full.pool.n_slots
+    every = moelite.load(path, expert_budget="auto")
+    assert every.pool.n_slots == full.pool.n_slots
+    # ... read at load: the first request finds every expert resident (a partial auto budget starts empty)
+    cache = every.manager.cache
+    assert sum(len(cache.resident_experts(layer)) for layer in every.layout.layers) == len(every.layout.experts)
+    every.eos_ids = set()
+    before = every.counters()
+    every.generate(ids, max_tokens=4, temperature=0)
+    assert (every.counters() - before).total.misses == 0
+    assert eng.counters().total.misses > 0
 
 
 def test_auto_budget_too_small_is_refused_before_loading(tiny, monkeypatch):

@@ -41,7 +41,7 @@ _HELP = {
     "cache_policy": "eviction policy (score = SMoE's score window)",
     "expert_dtype": "dtype of expert slots (auto = the checkpoint's)",
     "cache_scope": "one pool for all layers (global) or an equal share per layer (layer)",
-    "warm_start": "fill the cache in layer order at load",
+    "warm_start": "fill the cache in layer order at load (an 'auto' budget that holds every expert always does)",
     "drop_page_cache": "drop file pages after each expert read (honest budget)",
     "verify_checksums": "check every expert read against the checksums recorded at the checkpoint's first load "
                         "(an integrity error instead of garbage output; see `moelite verify`)",
