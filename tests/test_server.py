@@ -485,3 +485,15 @@ def test_integrity_error_is_named_in_the_error_body_and_health_degrades(server):
     with _http(server) as h:
         assert h.post("/v1/completions", json=body).status_code == 200
         assert h.get("/health").status_code == 200
+
+
+def test_serve_says_what_the_budget_resolved_to(server):
+    """`moelite serve` prints the budget note (what 'auto' resolved to) before serving, as generate does."""
+    proc, h = _start_serve(server, "--expert-budget", "auto", stderr=subprocess.PIPE)
+    try:
+        assert h.get("/health").status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        h.close()
+    assert "expert_budget 'auto' = " in err and proc.returncode == 0

@@ -102,6 +102,8 @@ def run(args) -> int:
                               max_connections=args.max_connections, profile=not args.no_profile, scheduler=sched)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = Engine(args.model, config, progress=True)  # the load's progress bar goes to stderr, like the log
+    if engine.budget_note:  # what 'auto' resolved to, or that a budget holds every expert (as generate says)
+        print(f"moelite: {engine.budget_note}", file=sys.stderr, flush=True)
     print(f"moelite: serving {settings.model_name or engine.path.name} on http://{settings.host}:{settings.port} "
           f"(scheduler {sched.mode}, max batch {sched.max_batch}, key {'on' if settings.api_key else 'off'})",
           file=sys.stderr, flush=True)
