@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import moelite
+from moelite.core import native
 from moelite.core.expert_cache import ExpertCache, make_policy
 
 
@@ -119,7 +120,6 @@ def test_grouped_forward_sums_like_the_per_expert_path(tiny, monkeypatch, dtype)
     idx, wk = torch.tensor([[3, 3, 0]]), torch.tensor([[0.5, 0.3, 0.2]])
     grouped = m.run(layer, x, idx, wk)
     monkeypatch.setattr(ml, "GROUPED_MAX_BYTES", 0)
-    from moelite.core import native
     # the AVX-512 native kernel rounds the activations of bf16 products to bf16; the per-expert path does not
     tol = (1e-2, 1e-3) if dtype == "bfloat16" and native.bf16_activations() else (1e-5, 1e-6)
     torch.testing.assert_close(grouped, m.run(layer, x, idx, wk), rtol=tol[0], atol=tol[1])

@@ -171,7 +171,7 @@ class _Mlp(torch.nn.Module):
 @pytest.mark.parametrize("rows", [1, 3, 12])
 def test_fused_quantized_swiglu_equals_three_projections(rows):
     torch.manual_seed(rows)
-    mlp = _Mlp(lambda i, o: _linearq(i, o))
+    mlp = _Mlp(_linearq)
     x = torch.randn(1, rows, 64)
     want = mlp(x).clone()
     assert dense.fuse_swiglu(mlp) == 1 and "forward" in mlp.__dict__

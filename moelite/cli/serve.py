@@ -88,7 +88,7 @@ def run(args) -> int:
     check_port(args.host, args.port)  # before the model loads: a busy port is one line, not a minute later
     from moelite.engine import Engine
     from moelite.serve.scheduler import SchedulerConfig
-    from moelite.serve.server import ServerSettings, serve
+    from moelite.serve.server import ServerSettings, exit_process, serve
 
     kw = dict(mode=args.scheduler, on_miss=args.on_miss, degrade_alpha=args.degrade_alpha, max_batch=args.max_batch,
               token_budget=args.token_budget)
@@ -112,9 +112,4 @@ def run(args) -> int:
     # second or more, with Python's signal handlers already reset, so a second SIGTERM then would kill the process
     # (status -15) instead of the documented 143; nothing is left to write.
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
+    exit_process(0)

@@ -131,6 +131,44 @@ def _fused_swiglu_forward(mod: nn.Module, gate_up: torch.Tensor, down: torch.Ten
     return out.view(*lead, h)
 
 
+def _scheme(p: nn.Module):
+    """What must agree for projections to share one weight block: the 16-bit dtype, or the quantization scheme."""
+    if type(p) is Linear16:
+        return Linear16, p.weight.dtype
+    if type(p) is quant.LinearQ:
+        return quant.LinearQ, p.bits, p.group, p.weight_scale.dtype
+    return None
+
+
+def _stack_rows(parts: list[nn.Module]):
+    """The weights of `parts` (all Linear16, or all LinearQ, of one `_scheme` and input size) in one block of rows,
+    in order, each part's weight re-pointed to its rows of it (no second copy): a 16-bit tensor [sum O, I] or a
+    `quant.QWeight`. None (nothing changed) for projections that cannot share one."""
+    if _scheme(parts[0]) is None or len({(_scheme(p), p.in_features) for p in parts}) != 1:
+        return None
+    bounds, o = [], 0
+    for p in parts:
+        bounds.append((o, o + p.out_features))
+        o += p.out_features
+    with torch.no_grad():
+        if type(parts[0]) is Linear16:
+            w = torch.cat([p.weight for p in parts])
+            for p, (a, b) in zip(parts, bounds):
+                p.weight = nn.Parameter(w[a:b], requires_grad=False)
+            return w
+        packed, scale = torch.cat([p.weight_packed for p in parts]), torch.cat([p.weight_scale for p in parts])
+    for p, (a, b) in zip(parts, bounds):
+        p.weight_packed, p.weight_scale = packed[a:b], scale[a:b]
+    return quant.QWeight(packed.view(torch.uint8), scale, parts[0].bits, parts[0].group)
+
+
+def _slot(w):
+    """A weight as a stack of one slot (`native.swiglu_pairs` takes slot stacks): [1, O, I]."""
+    if isinstance(w, quant.QWeight):
+        return quant.QWeight(w.packed[None], w.scale[None], w.bits, w.group)
+    return w[None]
+
+
 def fuse_swiglu(model: nn.Module) -> int:
     """Give every SwiGLU MLP of Linear16 projections, or of `quant.LinearQ` projections of one scheme, a one-call
     forward (see the contract); returns how many."""
@@ -141,29 +179,14 @@ def fuse_swiglu(model: nn.Module) -> int:
         g, u, d = (getattr(mod, k, None) for k in ("gate_proj", "up_proj", "down_proj"))
         if not is_silu(getattr(mod, "act_fn", None)) or any(p is None or p.bias is not None for p in (g, u, d)) \
                 or (g.out_features, g.in_features) != (u.out_features, u.in_features) \
-                or (d.out_features, d.in_features) != (g.in_features, g.out_features):
+                or (d.out_features, d.in_features) != (g.in_features, g.out_features) \
+                or _scheme(d) != _scheme(g) or (type(g) is quant.LinearQ and (g.in_features % 32 or g.out_features % 32)):
             continue
-        i, h = g.out_features, g.in_features
-        if all(type(p) is Linear16 for p in (g, u, d)):
-            if len({g.weight.dtype, u.weight.dtype, d.weight.dtype}) != 1:
-                continue
-            with torch.no_grad():
-                gate_up = torch.cat([g.weight, u.weight])  # [2I, H]: gate rows, then up rows
-            g.weight = nn.Parameter(gate_up[:i], requires_grad=False)
-            u.weight = nn.Parameter(gate_up[i:], requires_grad=False)
-            gu, dn = gate_up.view(1, 2 * i, h), d.weight.view(1, h, i)
-        elif all(type(p) is quant.LinearQ for p in (g, u, d)):
-            if len({(p.bits, p.group, p.weight_scale.dtype) for p in (g, u, d)}) != 1 or h % 32 or i % 32:
-                continue
-            with torch.no_grad():
-                packed, scale = torch.cat([g.weight_packed, u.weight_packed]), torch.cat([g.weight_scale, u.weight_scale])
-            g.weight_packed, u.weight_packed = packed[:i], packed[i:]
-            g.weight_scale, u.weight_scale = scale[:i], scale[i:]
-            gu = quant.QWeight(packed.view(torch.uint8)[None], scale[None], g.bits, g.group)
-            dn = quant.QWeight(d.weight_packed.view(torch.uint8)[None], d.weight_scale[None], g.bits, g.group)
-        else:
+        gate_up = _stack_rows([g, u])  # [2I, H]: gate rows, then up rows
+        if gate_up is None:
             continue
-        mod.forward = partial(_fused_swiglu_forward, mod, gu, dn)
+        down = d.qweight if type(d) is quant.LinearQ else d.weight
+        mod.forward = partial(_fused_swiglu_forward, mod, _slot(gate_up), _slot(down))
         n += 1
     return n
 
@@ -210,33 +233,15 @@ def fuse_projections(model: nn.Module, names=("q_proj", "k_proj", "v_proj")) -> 
     n = 0
     for mod in model.modules():
         parts = [getattr(mod, k, None) for k in names]
-        if all(type(p) is Linear16 for p in parts):
-            ws = [p.weight for p in parts]
-            if len({w.dtype for w in ws}) != 1 or len({w.shape[1] for w in ws}) != 1:
-                continue
-            with torch.no_grad():
-                fused = torch.cat(ws)
-            o = 0
-            for p in parts:
-                p.weight = nn.Parameter(fused[o:o + p.out_features], requires_grad=False)
-                o += p.out_features
-            decode = partial(native.gemv, w=fused)
-        elif all(type(p) is quant.LinearQ for p in parts):
-            if len({(p.bits, p.group, p.in_features, p.weight_scale.dtype) for p in parts}) != 1:
-                continue
-            with torch.no_grad():
-                packed, scale = torch.cat([p.weight_packed for p in parts]), torch.cat([p.weight_scale for p in parts])
-            o = 0
-            for p in parts:
-                p.weight_packed, p.weight_scale = packed[o:o + p.out_features], scale[o:o + p.out_features]
-                o += p.out_features
-            qw = quant.QWeight(packed.view(torch.uint8), scale, parts[0].bits, parts[0].group)
-            decode = partial(native.qgemv, qw=qw)
-        else:
+        if any(_scheme(p) is None for p in parts):  # not 16-bit or quantized linears (or not an attention module)
             continue
         has_bias = [p.bias is not None for p in parts]
         if any(has_bias) and not all(has_bias):
             continue
+        fused = _stack_rows(parts)
+        if fused is None:
+            continue
+        decode = partial(native.qgemv, qw=fused) if isinstance(fused, quant.QWeight) else partial(native.gemv, w=fused)
         bias = torch.cat([p.bias for p in parts]) if all(has_bias) else None
         fused_mod = _Fused(parts, decode, bias)
         for k, p in enumerate(parts):

@@ -205,8 +205,9 @@ def where(layout: ExpertLayout, key: Key) -> dict:
 
 
 def _listing(layout: ExpertLayout, keys: list[Key]) -> str:
-    shown = [f"expert {k[1]} of layer {k[0]} ({', '.join(where(layout, k)['shards'])} at offset "
-             f"{where(layout, k)['offset']})" for k in keys[:SHOWN]]
+    places = [where(layout, k) for k in keys[:SHOWN]]
+    shown = [f"expert {w['expert']} of layer {w['layer']} ({', '.join(w['shards'])} at offset {w['offset']})"
+             for w in places]
     return "; ".join(shown) + (f"; and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
 
 

@@ -534,6 +534,17 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def exit_process(status: int) -> None:
+    """End the process now with `status`, after flushing stdout and stderr: no interpreter teardown (its thread
+    and CUDA destructors can abort the process, and Python resets the signal handlers before them)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
 def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "info"):
     import uvicorn
 
@@ -549,12 +560,7 @@ def _uvicorn_server(app: FastAPI, settings: ServerSettings, log_level: str = "in
         @staticmethod
         def _exit_now(sig=None, frame=None):
             log.warning("second signal: exiting now")
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(143)
+            exit_process(143)
 
         @contextlib.contextmanager
         def capture_signals(self):
