@@ -146,6 +146,9 @@ class EngineConfig:
     # "native" (moelite's AVX2 kernel, one call per layer at decode), "compiled" (torch.compile gather + upcast +
     # reduction) or "eager" (F.linear per expert); "auto" = the fastest that works on this machine
     expert_kernel: str = "auto"
+    # CPU: decode steps run moelite's lean decode (transformers' weights and functions, without its module
+    # forwards: moelite.core.lean_decode) where the architecture allows; False = transformers' forward
+    lean_decode: bool = True
     # CUDA graphs: compile the decode step's decoder layers and MoE glue with torch.compile before capture
     # (fewer, fused kernels; the first generation per batch size pays the compile, ~15-20 s)
     compile_decode: bool = False

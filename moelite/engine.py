@@ -51,6 +51,7 @@ from moelite.core.integrity import checksums_for
 from moelite.core.memory import auto_budget, available_memory, resident_note
 from moelite.core.loader import Loader
 from moelite.core.model import build_model
+from moelite.core import lean_decode
 from moelite.core.counters import Snapshot
 from moelite.core.cuda_experts import CudaExperts
 from moelite.core.call_state import DECODE, ManagerOptions
@@ -81,6 +82,9 @@ class Engine:
                                  self.device, self.dtype, self.top_k, progress=progress, dense16=self.dense16)
         self.host = None
         self._decoders: dict = {}
+        why = lean_decode.why_not(self.model, self.hf_config, self.device) if self.config.lean_decode else "off"
+        self.lean = lean_decode.LeanDecoder(self.model, self.hf_config) if why is None else None
+        self.lean_why = why or "on"  # `moelite info` and stats say which decode step runs
         if self.device.type == "cuda":
             self._init_host_tier(sdtype, total, progress)
         if self.config.warm_start or (self.config.expert_budget == "auto" and self.device.type == "cpu"

@@ -188,8 +188,9 @@ def test_generate_stream_and_batch_are_steps_of_the_batcher(tiny, one_thread, co
 
 
 def test_batch_one_decode_is_the_plain_forward(tiny, one_thread, monkeypatch):
-    """One running sequence decodes with one plain model call per token (no per-layer walk)."""
-    eng = moelite.load(tiny("qwen2_moe"), expert_budget="50%")
+    """Without lean decode, one running sequence decodes with one plain model call per token (no per-layer walk)."""
+    eng = moelite.load(tiny("qwen2_moe"), expert_budget="50%", lean_decode=False)
+    assert eng.lean is None and eng.lean_why == "off"
     eng.eos_ids = set()
     calls = []
     forward = type(eng.model).forward

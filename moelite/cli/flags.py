@@ -64,6 +64,8 @@ _HELP = {
     "cuda_graphs": "CUDA: run decode steps as captured CUDA graphs (misses read zero-copy from pinned RAM)",
     "expert_kernel": "the fused expert computation (CUDA: triton or torch; CPU: native, compiled or eager)",
     "dense_dtype": "CPU: dtype of large dense weights (auto = the checkpoint's bf16/fp16, computed in float32)",
+    "lean_decode": "CPU: decode steps without transformers' module forwards (same functions and weights; "
+                   "--no-lean-decode = transformers' forward)",
     "compile_decode": "CUDA graphs: torch.compile the decode step's layers before capture (first call slower)",
 }
 _TYPES = {"int": int, "float": float, "int | None": int}

@@ -11,14 +11,15 @@ bytes in memory and twice the reading per token. Here they keep the checkpoint's
     faults for every call) and multiplied there. Either way the result equals a float32 layer over the same weights
     up to summation order.
   - `Embedding16(weight)`: rows looked up in the stored dtype, returned in float32.
-  - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16, or int8/int4 `LinearQ`
-    of one scheme (shared experts, dense MLP layers), gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
+  - `fuse_swiglu(model)`: after loading, a SwiGLU MLP whose three projections are Linear16, float32 nn.Linear on
+    the CPU (small layers: the cost is per call), or int8/int4 `LinearQ` of one scheme (shared experts, dense MLP layers), gets its gate and up weights in one [2I, H] block and computes, up to MAX_ROWS rows, in one native
     call (`native.swiglu_pairs` over a single slot) instead of three products and two elementwise ops.
   - `fuse_projections(model)`: after loading, the q/k/v projections of an attention module (all Linear16 of one
-    dtype, or all `quant.LinearQ` of one scheme; biases all or none) get their weights in one block, so that at
+    dtype, all float32 nn.Linear on the CPU, or all `quant.LinearQ` of one scheme; biases all or none) get their weights in one block, so that at
     decode one native call computes the three: q_proj's call computes them and keeps k and v for k_proj's and
     v_proj's calls on the same input tensor object (attention modules project one hidden state, unchanged between
-    the three calls); any other call computes its own part.
+    the three calls); any other call computes its own part. The attention module's `moelite_qkv` is the fused
+    block: lean decode (`core/lean_decode.py`) takes the three parts of one call from its `parts(x)`.
   - `convert(model, dtype, min_bytes)`: swaps nn.Linear / nn.Embedding modules whose float32 weight has at least
     `min_bytes` for the 16-bit ones, on the meta device before weights are loaded (so the float32 copy never exists);
     tied embeddings stay tied. Small layers keep float32: their cost is per call, not the bytes.
@@ -135,15 +136,17 @@ def _scheme(p: nn.Module):
     """What must agree for projections to share one weight block: the 16-bit dtype, or the quantization scheme."""
     if type(p) is Linear16:
         return Linear16, p.weight.dtype
+    if type(p) is nn.Linear and p.weight.dtype == torch.float32 and p.weight.device.type == "cpu":
+        return nn.Linear, torch.float32  # small float32 layers: one native call instead of several F.linear
     if type(p) is quant.LinearQ:
         return quant.LinearQ, p.bits, p.group, p.weight_scale.dtype
     return None
 
 
 def _stack_rows(parts: list[nn.Module]):
-    """The weights of `parts` (all Linear16, or all LinearQ, of one `_scheme` and input size) in one block of rows,
-    in order, each part's weight re-pointed to its rows of it (no second copy): a 16-bit tensor [sum O, I] or a
-    `quant.QWeight`. None (nothing changed) for projections that cannot share one."""
+    """The weights of `parts` (all Linear16, all float32 nn.Linear on the CPU, or all LinearQ, of one `_scheme` and
+    input size) in one block of rows, in order, each part's weight re-pointed to its rows of it (no second copy): a
+    tensor [sum O, I] or a `quant.QWeight`. None (nothing changed) for projections that cannot share one."""
     if _scheme(parts[0]) is None or len({(_scheme(p), p.in_features) for p in parts}) != 1:
         return None
     bounds, o = [], 0
@@ -151,7 +154,7 @@ def _stack_rows(parts: list[nn.Module]):
         bounds.append((o, o + p.out_features))
         o += p.out_features
     with torch.no_grad():
-        if type(parts[0]) is Linear16:
+        if type(parts[0]) in (Linear16, nn.Linear):
             w = torch.cat([p.weight for p in parts])
             for p, (a, b) in zip(parts, bounds):
                 p.weight = nn.Parameter(w[a:b], requires_grad=False)
@@ -224,6 +227,17 @@ class _Fused:
             self.kept, self.x = None, None  # every part taken: hold no tensor
         return y.contiguous().view(*lead, y.shape[-1])
 
+    def parts(self, x2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every part at once (lean decode): x2 [n, I] -> one [n, O_part] per part, views of one product up to
+        MAX_ROWS rows, each part's own product beyond."""
+        n = x2.shape[0]
+        if not 0 < n <= native.MAX_ROWS:
+            return tuple(f(x2) for f in self.forwards)
+        y = self.decode(x2 if x2.stride(-1) == 1 else x2.contiguous())
+        if self.bias is not None:
+            y += self.bias
+        return tuple(y[:, a:b] for a, b in self.bounds)
+
 
 def fuse_projections(model: nn.Module, names=("q_proj", "k_proj", "v_proj")) -> int:
     """One weight block and one native call at decode for the q/k/v projections of each attention module (see the
@@ -246,5 +260,6 @@ def fuse_projections(model: nn.Module, names=("q_proj", "k_proj", "v_proj")) -> 
         fused_mod = _Fused(parts, decode, bias)
         for k, p in enumerate(parts):
             p.forward = partial(fused_mod.forward, k)
+        mod.moelite_qkv = fused_mod  # lean decode takes all three parts in one call (`_Fused.parts`)
         n += 1
     return n

@@ -64,6 +64,8 @@ from moelite.core.loader import Loader, timed_read
 Key = tuple[int, int]
 #: largest total slot bytes that `ExpertManager.grouped_forward` gathers (a copy); above it, experts run one by one
 GROUPED_MAX_BYTES = 8 << 20
+#: most tokens a layer pass may hold to take the all-resident lane (`ExpertManager._run_resident`): decode sizes
+RESIDENT_LANE_TOKENS = 8
 class RunningCost:
     """Mean of the last n samples with outliers beyond one standard deviation dropped (as SMoE's code does)."""
 
@@ -460,6 +462,10 @@ class ExpertManager:
         self.cache.restore_pins(pins)
 
     def _run(self, layer, x, idx, w, probs, decode, substituted) -> torch.Tensor:
+        if not self.inflight and self.kernel is not None and idx.shape[0] <= RESIDENT_LANE_TOKENS:
+            out = self._run_resident(layer, x, idx, w, decode, substituted)
+            if out is not None:
+                return out
         lp = _LayerPass(x, idx, w)  # group tokens by expert
         stats = self.counters.layer(layer)
         stats.tokens += idx.shape[0]
@@ -484,6 +490,35 @@ class ExpertManager:
         c.misses_loaded += len(to_load)
         c.misses_direct += len(direct)
         return lp.out
+
+    def _run_resident(self, layer, x, idx, w, decode, substituted) -> torch.Tensor | None:
+        """The steady state of decode: no read in flight and every selected expert resident. Then nothing can evict
+        while the layer computes (evictions happen only when a read starts), so the layer needs no grouping pass and
+        no shield: its lookups and counts, then one kernel call over the (token, expert) pairs in the order the full
+        path uses (grouped by expert, stable), so the result is the same. None (nothing done, nothing counted)
+        when an expert is not resident: the full path runs."""
+        cache, k = self.cache, idx.shape[1]
+        flat = idx.reshape(-1).tolist()  # [N*k]
+        slots = [cache.slot((layer, e)) for e in flat]
+        if None in slots:
+            return None
+        stats = self.counters.layer(layer)
+        stats.tokens += idx.shape[0]
+        sub_only = self.count_substitutions(stats, idx, substituted, decode)
+        experts = sorted(set(flat))
+        for e in experts:  # the policy's accesses and the prefetch accounting, as `_classify` makes them
+            self.note_prefetch_use((layer, e), stats)
+            cache.lookup((layer, e))
+        self.account(stats, self.counters.phase(decode), sum(e not in sub_only for e in experts), 0, 0)
+        t0 = time.perf_counter()
+        order = sorted(range(len(flat)), key=flat.__getitem__)  # pairs grouped by expert, stable
+        out = self.kernel.run(self.pool.gate_up_all, self.pool.down_all, x,
+                              torch.tensor([slots[j] for j in order]), torch.tensor([j // k for j in order]),
+                              w.reshape(-1)[torch.tensor(order)].to(x.dtype))
+        self.counters.compute_seconds += time.perf_counter() - t0
+        if decode and self.options.prefetch:
+            self.prefetch_next(layer, x)
+        return out
 
     def _classify(self, layer: int, lp: _LayerPass, idx, substituted, decode: bool, stats: LayerStats):
         """Resident experts (pinned), experts whose read is in flight, and missing ones; counts all three."""
@@ -524,7 +559,7 @@ class ExpertManager:
         """The resident experts, while the misses' reads run; returns their slots (still shielded)."""
         done: deque[int] = deque()
         if lp.x.shape[0] == 1 and len(resident) > 1 and len(resident) * self.pool.slot_bytes <= GROUPED_MAX_BYTES \
-                and not self.pool.quantized:
+                and not self.pool.quantized and (self.kernel is None or self.kernel.kind != "native"):
             t0 = time.perf_counter()
             slots = [slot for _, slot in resident]
             if len(resident) == len(lp.groups) == lp.wts.shape[0]:  # all resident, each expert once: the sorted
@@ -644,11 +679,16 @@ class OffloadedMoEBlock(nn.Module):
     @torch.compiler.disable  # a compiled decoder layer breaks its graph here (compile_decode compiles the graph
     # path, `graph_forward`, on its own; the eager path has host-side cache bookkeeping)
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.manager.graph_buffers is not None:  # being captured into a CUDA graph: device-only path
+            bsz, seq, hid = hidden_states.shape
+            return self.graph_forward(hidden_states.reshape(-1, hid)).reshape(bsz, seq, hid)
+        return self.eager_forward(hidden_states)
+
+    def eager_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, T, H] with host-side cache bookkeeping (lean decode calls it directly)."""
         bsz, seq, hid = hidden_states.shape
         x = hidden_states.reshape(-1, hid)  # [N, H]
         m = self.manager
-        if m.graph_buffers is not None:  # being captured into a CUDA graph: device-only path
-            return self.graph_forward(x).reshape(bsz, seq, hid)
         m.last_x = x  # observers (trace recorder) may predict the next layer from it
         if m.replay is not None:
             idx, probs = m.replay.route(self.layer, x.shape[0], self.top_k, x.device)  # idx [N, k], probs [N, E]

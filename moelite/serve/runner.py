@@ -65,6 +65,8 @@ class DynamicRunner:
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         eng = self.engine
+        if eng.lean is not None and not eng.lean.hooked():  # the lean step (core/lean_decode.py): same functions
+            return eng.lean.step([s.last_token for s in seqs], [s.cache for s in seqs]).cpu()  # [B, V]
         if len(seqs) == 1:  # the plain forward: batch-1 decode costs what a direct model call costs
             s = seqs[0]
             ids = torch.tensor([[s.last_token]], dtype=torch.long, device=eng.device)  # [1, 1]
