@@ -206,7 +206,9 @@ class Engine:
         loader = Loader(self.reader, cfg.io_threads) if cfg.io_threads > 0 else None
         self.manager = ExpertManager(self.pool, cache, self.reader, ManagerOptions.from_config(cfg, layout.layers),
                                      loader=loader, hook=cache_router)
-        if hasattr(policy, "mean_scores"):  # the score window sees every decode step's gate scores
+        # the score window sees every decode step's gate scores; a budget that holds every expert never evicts, so
+        # its policy is never asked for a victim and needs none
+        if hasattr(policy, "mean_scores") and n_slots < len(layout.experts):
             self.manager.add_observer(lambda layer, routing, phase: phase == DECODE and policy.observe_scores(
                 layer, routing.probs.mean(0)))
 

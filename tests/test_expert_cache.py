@@ -123,3 +123,17 @@ def test_grouped_forward_sums_like_the_per_expert_path(tiny, monkeypatch, dtype)
     # the AVX-512 native kernel rounds the activations of bf16 products to bf16; the per-expert path does not
     tol = (1e-2, 1e-3) if dtype == "bfloat16" and native.bf16_activations() else (1e-5, 1e-6)
     torch.testing.assert_close(grouped, m.run(layer, x, idx, wk), rtol=tol[0], atol=tol[1])
+
+
+def test_resident_count_follows_commits_and_evictions():
+    from moelite.core.expert_cache import ExpertCache, LRUPolicy
+
+    cache = ExpertCache(3, 10, LRUPolicy(), [0, 1])
+    for key in [(0, 1), (0, 2), (1, 5)]:
+        cache.commit(key, cache.acquire(key))
+    assert (cache.resident_count(0), cache.resident_count(1)) == (2, 1)
+    cache.commit((0, 1), cache.slot((0, 1)))  # committed again: still one
+    assert cache.resident_count(0) == 2
+    cache.commit((1, 6), cache.acquire((1, 6)))  # evicts the least recent, (0, 2)
+    assert (cache.resident_count(0), cache.resident_count(1)) == (1, 2)
+    assert cache.resident_count(0) == len(cache.resident_experts(0))

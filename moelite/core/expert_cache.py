@@ -160,12 +160,17 @@ class ExpertCache:
             shared = list(reversed(range(n_slots)))
             self.free = {layer: shared for layer in layers}
         self.last_evicted: Key | None = None
+        self.per_layer = dict.fromkeys(layers, 0)  # layer -> resident experts (`resident_count`)
         self.listeners: list = []
         self.resident_peak = 0
 
     # ---- queries ---------------------------------------------------------------------------------------------
     def resident(self, key: Key) -> bool:
         return key in self.slot_of
+
+    def resident_count(self, layer: int) -> int:
+        """How many of `layer`'s experts are resident (a counter, kept in step by commit and eviction)."""
+        return self.per_layer.get(layer, 0)
 
     def resident_experts(self, layer: int) -> list[int]:
         return [e for (l_, e) in self.slot_of if l_ == layer]
@@ -226,6 +231,7 @@ class ExpertCache:
                                    "what one layer needs at once")
             victim = self.policy.victim(candidates)
             slot = self.slot_of.pop(victim)
+            self.per_layer[victim[0]] -= 1
             self.policy.on_evict(victim)
             for fn in self.listeners:
                 fn(victim, None)
@@ -242,6 +248,8 @@ class ExpertCache:
 
     def commit(self, key: Key, slot: int) -> None:
         """Record `key` as resident in `slot` once its bytes are loaded."""
+        if key not in self.slot_of:
+            self.per_layer[key[0]] += 1
         self.slot_of[key] = slot
         for fn in self.listeners:
             fn(key, slot)

@@ -351,8 +351,8 @@ class ExpertManager:
     def prefetch_next(self, layer: int, x: torch.Tensor) -> None:
         """Predict the next MoE layer's experts from x [N, H] through its gate and read the top ones early."""
         nxt = self.next_layer.get(layer)
-        if nxt is None:
-            return
+        if nxt is None or self.cache.resident_count(nxt) == self.pool.layout.num_experts:
+            return  # no next layer, or every expert of it resident: nothing to predict
         if self.replay is not None:  # replayed routing: the recorded model's own next-layer prediction
             pred = self.replay.predicted(layer, nxt)
             if pred is None:
