@@ -533,6 +533,7 @@ class Engine:
             "expert_quant": quant_label(self.layout.quant),
             "dense_quantized_layers": sum(isinstance(m, LinearQ) for m in self.model.modules()),
             "expert_kernel": self.manager.kernel.kind if self.manager.kernel else self.config.expert_kernel,
+            "lean_decode": self.lean_why,  # "on", or why decode steps take transformers' forward
             # the storage dtype of the largest dense weight (small layers stay float32 on the CPU, core/dense.py)
             "dense_dtype": str(max(self.model.parameters(), key=torch.Tensor.numel).dtype).removeprefix("torch."),
             "dense_bytes": self.dense_bytes,

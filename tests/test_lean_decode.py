@@ -32,7 +32,7 @@ def test_lean_step_equals_transformers(tiny, arch, one_thread):
     if arch.startswith("deepseek"):  # latent attention: transformers' forward decodes
         assert eng.lean is None and "model_type" in eng.lean_why
         return
-    assert eng.lean is not None and eng.lean_why == "on"
+    assert eng.lean is not None and eng.lean_why == "on" and eng.stats()["lean_decode"] == "on"
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     prompt, fed = [5, 9, 14, 30, 2], [7, 44, 3, 100, 12, 8]
     want = _hf_steps(ref, prompt, fed)
