@@ -7,10 +7,10 @@ look-ups. On a CPU those wrappers cost as much as the operations (about 5 ms per
 checkpoint, more than the whole step of the small demo model), so this module runs the same operations directly.
 
 Contract:
-  - `LeanDecoder.build(model, hf_config, device)` -> a decoder, or None when this model's decode step is not one
-    it reproduces: `why_not(model, hf_config, device)` names the reason (an architecture other than the
-    Llama-style attention of Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE, such as DeepSeek's latent attention; a
-    sliding-window or non-SDPA attention; a device other than the CPU). The caller then uses transformers' forward.
+  - `why_not(model, hf_config, device)` -> None when `LeanDecoder(model, hf_config)` reproduces this model's decode
+    step, else the reason (an architecture other than the Llama-style attention of Qwen2-MoE, Qwen3-MoE, Mixtral
+    and OLMoE, such as DeepSeek's latent attention; a sliding-window or non-SDPA attention; a device other than the
+    CPU). The caller then uses transformers' forward.
   - `step(tokens [B], caches [B] DynamicCache)` -> float32 logits [B, V] on the CPU, after appending each token's
     keys and values to its own cache. Each row equals what transformers' forward computes for that sequence alone
     (same functions in the same order and dtypes: the RMSNorm arithmetic as `F.rms_norm`, the rotary module's own
@@ -87,8 +87,7 @@ def _projections(attn: nn.Module):
 
 
 class _Layer:
-    __slots__ = ("n1", "n2", "qkv", "q_norm", "k_norm", "per_head", "clip", "o", "mlp", "moe", "heads", "kv_heads",
-                 "dim", "scaling", "gqa", "idx")
+    __slots__ = ("n1", "n2", "qkv", "q_norm", "k_norm", "per_head", "clip", "o", "mlp", "dim", "scaling", "gqa", "idx")
 
     def __init__(self, layer: nn.Module, idx: int, hf_config):
         attn = layer.self_attn
@@ -96,9 +95,8 @@ class _Layer:
         self.n1, self.n2 = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
         self.qkv = _projections(attn)
         self.dim, self.scaling = attn.head_dim, attn.scaling
-        self.heads = hf_config.num_attention_heads
-        self.kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.heads
-        self.gqa = self.heads != self.kv_heads
+        heads = hf_config.num_attention_heads
+        self.gqa = heads != (getattr(hf_config, "num_key_value_heads", None) or heads)
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
         self.q_norm = _norm(qn) if qn is not None else None
         self.k_norm = _norm(kn) if kn is not None else None
@@ -106,8 +104,7 @@ class _Layer:
         self.per_head = qn is not None and qn.weight.shape[-1] == self.dim
         self.clip = getattr(hf_config, "clip_qkv", None)
         self.o = attn.o_proj.forward
-        self.moe = isinstance(layer.mlp, OffloadedMoEBlock)
-        self.mlp = layer.mlp.eager_forward if self.moe else layer.mlp.forward
+        self.mlp = layer.mlp.eager_forward if isinstance(layer.mlp, OffloadedMoEBlock) else layer.mlp.forward
 
 
 class LeanDecoder:
@@ -128,10 +125,6 @@ class LeanDecoder:
         transformers' forward, where the hooks fire."""
         return bool(_global_forward_hooks or _global_forward_pre_hooks) or any(
             m._forward_hooks or m._forward_pre_hooks for m in self.modules)
-
-    @classmethod
-    def build(cls, model: nn.Module, hf_config, device: torch.device) -> "LeanDecoder | None":
-        return None if why_not(model, hf_config, device) else cls(model, hf_config)
 
     @torch.inference_mode()
     def step(self, tokens: list[int], caches: list) -> torch.Tensor:
