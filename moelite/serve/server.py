@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -673,5 +674,7 @@ def serve(engine, settings: ServerSettings, log_level: str = "info") -> None:
     if not is_loopback(settings.host):
         log.warning("binding %s: the server is reachable from other machines%s", settings.host,
                     "" if settings.api_key else " and has no API key (set --api-key or MOELITE_API_KEY)")
-    _uvicorn_server(create_app(engine, settings), settings, log_level).run()
+    server = _uvicorn_server(create_app(engine, settings), settings, log_level)
+    gc.collect()  # the web stack's import and app set-up: their full collection now, not in a first request
+    server.run()
 
