@@ -72,8 +72,10 @@ def test_quantize_error_is_bounded():
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 128, None])
 @pytest.mark.parametrize("rows", [1, 2, 5, 8])
-@pytest.mark.parametrize("i", [256, 288])  # 288: an odd number of 32-blocks (the AVX-512 loop's last block alone)
-@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16])
+# the AVX-512 loop takes 4-bit blocks four at a time and scales sixteen at a time: 96 (three blocks: none in that
+# loop), 256 (two steps), 288 (and one block alone), 1184 (two whole scale chunks, a partial one, one block alone)
+@pytest.mark.parametrize("i", [96, 256, 288, 1184])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_qgemv_equals_dequantized(bits, group, rows, i, scale_dtype):
     if group and i % group:
         pytest.skip("the group does not divide the input size")
@@ -91,8 +93,9 @@ def test_qgemv_equals_dequantized(bits, group, rows, i, scale_dtype):
 
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
-def test_swiglu_pairs_quantized(bits):
-    S, H, E, N = 5, 96, 64, 12
+@pytest.mark.parametrize("h,e", [(96, 64), (544, 160)])  # and 17 and 5 blocks: whole steps of the AVX-512 loop too
+def test_swiglu_pairs_quantized(bits, h, e):
+    S, H, E, N = 5, h, e, 12
     gen = torch.Generator().manual_seed(bits)
     stacks = []
     for shape in ((2 * E, H), (H, E)):
