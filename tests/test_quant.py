@@ -93,6 +93,20 @@ def test_qgemv_equals_dequantized(bits, group, rows, i, scale_dtype):
 
 @needs_native
 @pytest.mark.parametrize("bits", [4, 8])
+def test_activation_rounding_ties_go_to_even(bits):
+    """Activations whose scaled values fall exactly halfway (max |x| = 127, so the scale is 1): 2.5 -> 2, -3.5 -> -4,
+    0.5 -> 0, as llama.cpp's and torch's round-half-to-even; each element checked through one-hot weight rows."""
+    x = torch.tensor([[127.0, 2.5, -3.5, 0.5, -0.5, 1.5, 126.5, -126.5] * 4])
+    w = torch.eye(32).bfloat16()  # row k picks element k
+    packed, scale = quant.quantize(w, bits, 32)
+    qw = quant.QWeight(packed.view(torch.uint8), scale, bits, 32)
+    got = native.qgemv(x, qw) / quant.dequantize(qw).diagonal()
+    torch.testing.assert_close(got, torch.round(x), rtol=0, atol=1e-4)
+    assert got[0, 1].item() == pytest.approx(2.0) and got[0, 2].item() == pytest.approx(-4.0)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("h,e", [(96, 64), (544, 160)])  # and 17 and 5 blocks: whole steps of the AVX-512 loop too
 def test_swiglu_pairs_quantized(bits, h, e):
     S, H, E, N = 5, h, e, 12

@@ -90,6 +90,19 @@ def scratch(key, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
     return buf[:numel]
 
 
+def _work(key: str, nbytes: int) -> int:
+    """The address of this thread's scratch bytes `key` (at least `nbytes`): `scratch` without the slice, for the
+    kernels' work space (a slice costs about a microsecond, as much as a small kernel's whole call)."""
+    bufs = getattr(_scratch, "work", None)
+    if bufs is None:
+        bufs = _scratch.work = {}
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < nbytes:
+        with torch.inference_mode(False):
+            buf = bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
+    return buf.data_ptr()
+
+
 def _compiler() -> str | None:
     for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cand and shutil.which(cand):
@@ -188,10 +201,16 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+_PTRS = [ctypes.c_void_p * n for n in range(MAX_ROWS + 1)]
+
+
 def _rows(t: torch.Tensor) -> ctypes.Array:
     """Pointers to the rows of a 2-D float32 tensor (rows may be strided, each row contiguous)."""
+    n = t.shape[0]
+    if n == 1:
+        return _PTRS[1](t.data_ptr())
     base, step = t.data_ptr(), t.stride(0) * t.element_size()
-    return (ctypes.c_void_p * t.shape[0])(*(base + n * step for n in range(t.shape[0])))
+    return (_PTRS[n] if n <= MAX_ROWS else ctypes.c_void_p * n)(*(base + k * step for k in range(n)))
 
 
 def _check_weight(w: torch.Tensor, name: str) -> int:
@@ -257,9 +276,9 @@ def qgemv(x: torch.Tensor, qw, out: torch.Tensor | None = None, alpha: torch.Ten
     sdt = _check_weight(qw.scale, "qgemv scales")
     out, alpha = _out_alpha(n, o, out, alpha)
     a = None if alpha is None else alpha.data_ptr()
-    work = scratch("qgemv", lib.ml_qgemv_scratch(n, i), torch.uint8)
+    work = _work("qgemv", lib.ml_qgemv_scratch(n, i))
     lib.ml_qgemv(qw.packed.data_ptr(), qw.bits, o, i, qw.packed.stride(0), qw.scale.data_ptr(), sdt,
-                 qw.scale.stride(0) * qw.scale.element_size(), qw.group, _rows(x), n, _rows(out), a, work.data_ptr(),
+                 qw.scale.stride(0) * qw.scale.element_size(), qw.group, _rows(x), n, _rows(out), a, work,
                  torch.get_num_threads())
     return out
 
@@ -298,9 +317,9 @@ def swiglu_pairs(gate_up_all, down_all, x: torch.Tensor, slots: torch.Tensor, to
     tok = tok.to(torch.int64).contiguous()
     wts = wts.to(torch.float32).contiguous()
     p, n = slots.numel(), x.shape[0]
-    work = scratch("swiglu_pairs", lib.ml_swiglu_scratch(p, n, h, e), torch.uint8)
+    work = _work("swiglu_pairs", lib.ml_swiglu_scratch(p, n, h, e))
     lib.ml_swiglu_pairs(gu.data_ptr(), gu.stride(0) * gu.element_size(), scales[0], scales[1],
                         dn.data_ptr(), dn.stride(0) * dn.element_size(), scales[2], scales[3], dt, sdt, group, h, e,
                         x.data_ptr(), n, slots.data_ptr(), tok.data_ptr(), wts.data_ptr(), p, out.data_ptr(),
-                        work.data_ptr(), torch.get_num_threads())
+                        work, torch.get_num_threads())
     return out

@@ -251,23 +251,37 @@ static inline int is_quant(int dt) { return dt == Q4 || dt == Q8; }
    bias = the offset of the stored weights (128 for 8-bit, 8 for 4-bit), which the VNNI kernel takes off once per
    block instead of re-signing every byte. */
 static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    /* per 128-bit lane: its even bytes, then its odd ones */
+    const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     for (int64_t b = 0; b < I / QBLOCK; b++) {
         const float *xb = x + b * QBLOCK;
-        float amax = 0.0f;
-        for (int k = 0; k < QBLOCK; k++) amax = fmaxf(amax, fabsf(xb[k]));
+        __m256 v[4];
+        for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
         float d = amax / 127.0f, id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int8_t *qb = q + b * QBLOCK;
-        if (bits == 4)
-            for (int k = 0; k < QBLOCK / 2; k++) {
-                qb[k] = (int8_t)lrintf(xb[2 * k] * id);
-                qb[QBLOCK / 2 + k] = (int8_t)lrintf(xb[2 * k + 1] * id);
-            }
-        else
-            for (int k = 0; k < QBLOCK; k++) qb[k] = (int8_t)lrintf(xb[k] * id);
-        int sum = 0;
-        for (int k = 0; k < QBLOCK; k++) sum += qb[k];
+        const __m256 idv = _mm256_set1_ps(id);
+        __m256i qi[4]; /* round to nearest even, as lrintf in the default rounding mode */
+        for (int k = 0; k < 4; k++) qi[k] = _mm256_cvtps_epi32(_mm256_mul_ps(v[k], idv));
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        /* 32 int32 -> 32 int8 in element order (the packs interleave 128-bit lanes; the permute undoes it) */
+        __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(qi[0], qi[1]), _mm256_packs_epi32(qi[2], qi[3]));
+        q8 = _mm256_permutevar8x32_epi32(q8, order);
+        if (bits == 4) /* each block's even elements, then its odd ones */
+            q8 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q8, evens_odds), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), q8);
         s[2 * b] = d;
-        s[2 * b + 1] = d * (float)(bits == 4 ? 8 : 128) * (float)sum;
+        s[2 * b + 1] = d * (float)(bits == 4 ? 8 : 128) * (float)_mm_cvtsi128_si32(s4);
     }
 }
 
