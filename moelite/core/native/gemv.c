@@ -11,7 +11,8 @@
    Q8 activations), the weights stay packed in memory, and each block of 32 is an integer dot product (AVX2
    maddubs) scaled by weight scale x activation scale. 8-bit: byte = q + 128. 4-bit: byte b of a row holds
    elements 2b (low nibble) and 2b+1 (high nibble), each q + 8; the activations of a 4-bit row are stored with each
-   block's even elements first, then its odd ones, to match the nibbles' order.
+   block's even elements first, then its odd ones, to match the nibbles' order (the AVX-512 build groups four
+   blocks: see QGROUP4).
 
    Shape legend: O output features, I input features, N rows (tokens), H hidden, E expert intermediate, P pairs.
    Weight dtypes: 0 float32, 1 bfloat16, 2 float16, 8 int8 (packed), 4 int4 (packed). Row pointers: `x[n]` is row n of the input, `y[n]` row n of the
@@ -39,7 +40,7 @@
 #define VNNI 0
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 }; /* Q4, Q8: the value is the bits (quant_row takes it as such) */
+enum { F32 = 0, BF16 = 1, F16 = 2, Q4 = 4, Q8 = 8 }; /* Q4, Q8: the value is the bits (quant_blocks takes it as such) */
 #define QBLOCK 32
 /* Quantized rows: software prefetch this many bytes ahead of each row's reads. Their integer work per byte leaves
    too few loads in flight for the hardware prefetcher alone: on a Zen 4 core, one thread over 8 int8 experts of
@@ -249,17 +250,32 @@ typedef struct {
 
 static inline int is_quant(int dt) { return dt == Q4 || dt == Q8; }
 
+/* The 512-bit VNNI build reads 4-bit weights four blocks (64 packed bytes) per step: its activations of a 4-bit
+   row are stored in groups of four blocks, the group's four blocks' even elements (16 each), then their odd ones,
+   so that the low nibbles of one 64-byte load line up with the first 64 bytes and the high nibbles with the next
+   64; a row's last nb % 4 blocks are stored one by one (evens, then odds). */
+#if VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
+#define QGROUP4 1
+#else
+#define QGROUP4 0
+#endif
+
 /* One row of activations quantized: q[i] int8 in blocks of 32 (4-bit weights: each block's even elements, then its
    odd ones); per block two floats: s[2b] the block's scale d (max |x| / 127) and s[2b + 1] = d * bias * sum(q),
    bias = the offset of the stored weights (128 for 8-bit, 8 for 4-bit), which the VNNI kernel takes off once per
    block instead of re-signing every byte. */
-static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) {
+static void quant_blocks(const float *x, int64_t b0, int64_t b1, int64_t nb, int bits, int8_t *q, float *s) {
+#if QGROUP4
+    const int64_t nb4 = nb - nb % 4; /* blocks in whole groups of four */
+#else
+    (void)nb;
+#endif
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     /* per 128-bit lane: its even bytes, then its odd ones */
     const __m256i evens_odds = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
                                                 0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
-    for (int64_t b = 0; b < I / QBLOCK; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const float *xb = x + b * QBLOCK;
         __m256 v[4];
         for (int k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(xb + 8 * k);
@@ -282,10 +298,21 @@ static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) 
         q8 = _mm256_permutevar8x32_epi32(q8, order);
         if (bits == 4) /* each block's even elements, then its odd ones */
             q8 = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(q8, evens_odds), 0xD8);
-        _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), q8);
+#if QGROUP4
+        if (bits == 4 && b < nb4) { /* in a group of four: the group's evens (64 bytes), then its odds */
+            int8_t *g = q + (b / 4) * 128 + (b % 4) * 16;
+            _mm_storeu_si128((__m128i *)g, _mm256_castsi256_si128(q8));
+            _mm_storeu_si128((__m128i *)(g + 64), _mm256_extracti128_si256(q8, 1));
+        } else
+#endif
+            _mm256_storeu_si256((__m256i *)(q + b * QBLOCK), q8);
         s[2 * b] = d;
         s[2 * b + 1] = d * (float)(bits == 4 ? 8 : 128) * (float)_mm_cvtsi128_si32(s4);
     }
+}
+
+static void quant_row(const float *x, int64_t I, int bits, int8_t *q, float *s) {
+    quant_blocks(x, 0, I / QBLOCK, I / QBLOCK, bits, q, s);
 }
 
 #if VNNI
@@ -385,6 +412,56 @@ static inline __attribute__((always_inline)) void qblock512(const wmat_t *m, int
         xr[n] = xq[n];
         sx[n] = xs[n];
     }
+    int64_t done = 0; /* elements taken by the 512-bit loop */
+    if (DT == Q4) {
+        /* four blocks (64 packed bytes) per step: the low nibbles and the high nibbles each one vpdpbusd into the
+           same 16 lanes, four per block (the activations' group layout, QGROUP4); per lane ws * (xs * dot -
+           corr / 4), the four bf16 scales put in their lanes' high halves by one vpermw */
+        const __m512i m4z = _mm512_set1_epi8(0x0F);
+        const __m512i lane4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+        const __m512i idx_d4 = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+        const __m512i idx_c4 = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
+        const __m512i idx_w = _mm512_set_epi16(3, 0, 3, 0, 3, 0, 3, 0, 2, 0, 2, 0, 2, 0, 2, 0, 1, 0, 1, 0, 1, 0, 1, 0,
+                                               0, 0, 0, 0, 0, 0, 0, 0);
+        const __m512 quarter = _mm512_set1_ps(0.25f);
+        const int64_t I4 = I - I % (4 * QBLOCK);
+        for (int64_t i = 0; i < I4; i += 4 * QBLOCK) {
+            __m512 xsv[8], cv[8];
+            for (int n = 0; n < N; n++) {
+                __m512 s8 = _mm512_castps256_ps512(_mm256_loadu_ps(sx[n])); /* d0, c0, .. d3, c3 */
+                xsv[n] = _mm512_permutexvar_ps(idx_d4, s8);
+                cv[n] = _mm512_mul_ps(_mm512_permutexvar_ps(idx_c4, s8), quarter);
+            }
+            for (int r = 0; r < R; r++) {
+                _mm_prefetch((const char *)wr[r] + PREFETCH, _MM_HINT_T0);
+                __m512 wsv;
+                if (FAST_WS) {
+                    __m512i sv = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sr[r]));
+                    sr[r] += 8;
+                    wsv = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_w, sv));
+                } else {
+                    __m128 t = _mm_setr_ps(load1(sr[r], i / G, sdt), load1(sr[r], (i + QBLOCK) / G, sdt),
+                                           load1(sr[r], (i + 2 * QBLOCK) / G, sdt),
+                                           load1(sr[r], (i + 3 * QBLOCK) / G, sdt));
+                    wsv = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(t));
+                }
+                const __m512i v = _mm512_loadu_si512((const void *)wr[r]);
+                wr[r] += 64;
+                const __m512i lo = _mm512_and_si512(v, m4z), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4z);
+                for (int n = 0; n < N; n++) {
+                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr[n]));
+                    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(xr[n] + 64)));
+                    __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), xsv[n], cv[n]);
+                    acc[r * N + n] = _mm512_fmadd_ps(t, wsv, acc[r * N + n]);
+                }
+            }
+            for (int n = 0; n < N; n++) {
+                xr[n] += 4 * QBLOCK;
+                sx[n] += 8;
+            }
+        }
+        done = I4;
+    } else {
     for (int64_t i = 0; i < I2; i += 2 * QBLOCK) {
         __m512 xsv[8], cv[8];
         for (int n = 0; n < N; n++) {
@@ -426,8 +503,10 @@ static inline __attribute__((always_inline)) void qblock512(const wmat_t *m, int
             sx[n] += 4;
         }
     }
+    done = I2;
+    }
     float tail[8] = {0};
-    if (I2 < I) qblock(m, o, I2, I, xq, xs, R, N, tail);
+    if (done < I) qblock(m, o, done, I, xq, xs, R, N, tail);
     for (int k = 0; k < R * N; k++) res[k] = _mm512_reduce_add_ps(acc[k]) + tail[k];
 }
 /* qblock512 specialised on the weight format: 8- or 4-bit, bf16 scales of group 32 (one 32-bit load per two
@@ -610,7 +689,7 @@ void ml_swiglu_pairs(const void *gate_up, int64_t gu_stride, const void *gu_scal
             for (int64_t j = 0; j < P * (E / QBLOCK); j++) {
                 int64_t p = j / (E / QBLOCK), e0 = (j % (E / QBLOCK)) * QBLOCK;
                 for (int64_t e = e0; e < e0 + QBLOCK; e++) ar[p][e] = silu(hr[p][e]) * hr[p][E + e];
-                quant_row(ar[p] + e0, QBLOCK, dt, aq[p] + e0, as_[p] + 2 * (e0 / QBLOCK));
+                quant_blocks(ar[p], e0 / QBLOCK, e0 / QBLOCK + 1, E / QBLOCK, dt, aq[p], as_[p]);
             }
         } else {
 #pragma omp for schedule(static)
