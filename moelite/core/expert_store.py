@@ -14,7 +14,9 @@ Contract:
     pinned staging memory and a separate copy stream. A thread's staging buffer is never overwritten while an
     asynchronous copy out of it may still be running: `staging()` waits for that copy first. With
     `drop_page_cache` the file pages just read are dropped (posix_fadvise DONTNEED) so the OS page cache is not a
-    hidden second expert cache. No file is mmapped. A read
+    hidden second expert cache, and the kernel reads no further than asked: the shard files are opened for random
+    access (no readahead of its own, which had fetched about twice the expert bytes from disk) and each range is
+    announced with WILLNEED before its chunks are read, so the device reads it in one go. No file is mmapped. A read
     that fails is tried once more, then raises `ExpertReadError` naming the expert, its tensors, file and offset.
   - An expert's checksum is xxh3_64 (`CHECKSUM`) of its bytes in file order (its `read_plan`: shard, offset).
     With `checksums` set ({key: checksum}, recorded at first load by moelite.core.integrity), every read is checked
@@ -374,6 +376,8 @@ class ExpertReader:
                 fd = self._fds.get(path)
                 if fd is None:
                     fd = os.open(path, os.O_RDONLY)
+                    if self.drop_page_cache:  # no readahead past what is asked: read_into asks for exact ranges
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
                     self._fds[path] = fd
         return fd
 
@@ -435,6 +439,8 @@ class ExpertReader:
         pos, hashing = 0, 0.0
         for path, offset, nbytes, segs in plan:
             fd = self._fd(path)
+            if self.drop_page_cache:  # the whole range read ahead at once, and nothing past it (see _fd)
+                os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
             at = offset
             for dp, n in segs:  # in file order
                 for start in range(dp, dp + n, READ_CHUNK):
