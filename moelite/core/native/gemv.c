@@ -374,14 +374,14 @@ static inline __attribute__((always_inline)) void qblock(const wmat_t *m, int64_
     for (int k = 0; k < R * N; k++) res[k] = hsum(acc[k]) - corr[k];
 }
 
-#if VNNI && defined(__AVX512F__) && defined(__AVX512BW__)
-/* qblock over two blocks (64 weights) per 512-bit step: one vpdpbusd per row, token and pair of blocks, its 16
-   lanes being the first block's (0-7) and the second's (8-15). 4-bit: the two blocks' 32 packed bytes are unpacked
-   into [block 0 low nibbles, its high nibbles, block 1 low, high], matching the activations' [even, odd] order per
-   block. Per lane: ws * (xs * dot - corr / 8), the per-block scales broadcast to their 8 lanes (bf16 scales of
-   group 32, the layout `moelite quantize` writes: both blocks' scales in one 32-bit load); a last odd block goes
-   through qblock. Twice the bytes per instruction of the 256-bit loop: that one is bound by its integer work on a
-   Zen 4 core (about 16 bytes per 3 cycles), not by memory. */
+#if QGROUP4 /* the 512-bit VNNI build */
+/* qblock over 512-bit steps of STEP blocks, the 64 bytes of one load: 8-bit two blocks, one vpdpbusd per row and
+   token, its lanes 0-7 the first block's and 8-15 the second's; 4-bit four blocks, the low and the high nibbles
+   each one vpdpbusd into the same 16 lanes, four per block (the activations' group layout, QGROUP4). Per lane:
+   ws * (xs * dot - corr / lanes per block); the steps' weight scales go into their lanes with one vpermw (bf16
+   scales of group 32, the layout `moelite quantize` writes: one load per step), any others one by one. Blocks past
+   the last whole step go through qblock. The 256-bit loop is bound by its integer work on a Zen 4 core (about 16
+   bytes per 3 cycles); this one, at two threads, by memory. */
 static inline __attribute__((always_inline)) void qblock512(const wmat_t *m, int64_t o, int64_t I,
                                                             int8_t *const *xq, float *const *xs, int R, int N,
                                                             float *res, const int DT, const int FAST_WS) {
@@ -389,17 +389,23 @@ static inline __attribute__((always_inline)) void qblock512(const wmat_t *m, int
        addresses are row pointers hoisted out of it and advanced by a constant step (computed per step from the
        struct, they cost as many scalar instructions as the vector work and made int4 no faster than int8: int4
        expert kernel time per token on the real-shape checkpoint 4.4-4.6 -> 3.75 ms) */
+    const int STEP = DT == Q4 ? 4 : 2, LANES = 16 / STEP;
     __m512 acc[8];
     for (int k = 0; k < 8; k++) acc[k] = _mm512_setzero_ps();
-    const __m512i idx_xs = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i idx_c = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1);
-    const __m512i perm = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    const __m512i hi16 = _mm512_set1_epi32((int)0xFFFF0000);
-    const __m512 eighth = _mm512_set1_ps(0.125f);
-    const int64_t I2 = I - I % (2 * QBLOCK), G = m->G;
+    /* lane -> its block in the step; its activation scale and bias term at 2 x and 2 x + 1 of the step's xs */
+    const __m512i lane_block = DT == Q4 ? _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0)
+                                        : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i idx_d = _mm512_add_epi32(lane_block, lane_block);
+    const __m512i idx_c = _mm512_add_epi32(idx_d, _mm512_set1_epi32(1));
+    /* 16-bit lane j (the high half of 32-bit lane j / 2) takes the bf16 scale of that lane's block */
+    const __m512i idx_w = DT == Q4 ? _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
+                                                      1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                   : _mm512_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512 per_lane = _mm512_set1_ps(1.0f / (float)LANES);
+    const __m512i m4 = _mm512_set1_epi8(0x0F);
+    const int64_t IS = I - I % (STEP * QBLOCK), G = m->G;
     const int sdt = m->sdt;
-    const int64_t wstep = 2 * QBLOCK * DT / 8; /* packed bytes of two blocks */
     const uint8_t *wr[8];
     const char *sr[8];
     for (int r = 0; r < R; r++) {
@@ -412,101 +418,52 @@ static inline __attribute__((always_inline)) void qblock512(const wmat_t *m, int
         xr[n] = xq[n];
         sx[n] = xs[n];
     }
-    int64_t done = 0; /* elements taken by the 512-bit loop */
-    if (DT == Q4) {
-        /* four blocks (64 packed bytes) per step: the low nibbles and the high nibbles each one vpdpbusd into the
-           same 16 lanes, four per block (the activations' group layout, QGROUP4); per lane ws * (xs * dot -
-           corr / 4), the four bf16 scales put in their lanes' high halves by one vpermw */
-        const __m512i m4z = _mm512_set1_epi8(0x0F);
-        const __m512i lane4 = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-        const __m512i idx_d4 = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
-        const __m512i idx_c4 = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
-        const __m512i idx_w = _mm512_set_epi16(3, 0, 3, 0, 3, 0, 3, 0, 2, 0, 2, 0, 2, 0, 2, 0, 1, 0, 1, 0, 1, 0, 1, 0,
-                                               0, 0, 0, 0, 0, 0, 0, 0);
-        const __m512 quarter = _mm512_set1_ps(0.25f);
-        const int64_t I4 = I - I % (4 * QBLOCK);
-        for (int64_t i = 0; i < I4; i += 4 * QBLOCK) {
-            __m512 xsv[8], cv[8];
-            for (int n = 0; n < N; n++) {
-                __m512 s8 = _mm512_castps256_ps512(_mm256_loadu_ps(sx[n])); /* d0, c0, .. d3, c3 */
-                xsv[n] = _mm512_permutexvar_ps(idx_d4, s8);
-                cv[n] = _mm512_mul_ps(_mm512_permutexvar_ps(idx_c4, s8), quarter);
-            }
-            for (int r = 0; r < R; r++) {
-                _mm_prefetch((const char *)wr[r] + PREFETCH, _MM_HINT_T0);
-                __m512 wsv;
-                if (FAST_WS) {
-                    __m512i sv = _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i *)sr[r]));
-                    sr[r] += 8;
-                    wsv = _mm512_castsi512_ps(_mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_w, sv));
-                } else {
-                    __m128 t = _mm_setr_ps(load1(sr[r], i / G, sdt), load1(sr[r], (i + QBLOCK) / G, sdt),
-                                           load1(sr[r], (i + 2 * QBLOCK) / G, sdt),
-                                           load1(sr[r], (i + 3 * QBLOCK) / G, sdt));
-                    wsv = _mm512_permutexvar_ps(lane4, _mm512_castps128_ps512(t));
-                }
-                const __m512i v = _mm512_loadu_si512((const void *)wr[r]);
-                wr[r] += 64;
-                const __m512i lo = _mm512_and_si512(v, m4z), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4z);
-                for (int n = 0; n < N; n++) {
-                    __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr[n]));
-                    d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(xr[n] + 64)));
-                    __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), xsv[n], cv[n]);
-                    acc[r * N + n] = _mm512_fmadd_ps(t, wsv, acc[r * N + n]);
-                }
-            }
-            for (int n = 0; n < N; n++) {
-                xr[n] += 4 * QBLOCK;
-                sx[n] += 8;
-            }
-        }
-        done = I4;
-    } else {
-    for (int64_t i = 0; i < I2; i += 2 * QBLOCK) {
+    for (int64_t i = 0; i < IS; i += STEP * QBLOCK) {
         __m512 xsv[8], cv[8];
         for (int n = 0; n < N; n++) {
-            __m512 s4 = _mm512_castps128_ps512(_mm_loadu_ps(sx[n])); /* xs0, corr0, xs1, corr1 */
-            xsv[n] = _mm512_permutexvar_ps(idx_xs, s4);
-            cv[n] = _mm512_mul_ps(_mm512_permutexvar_ps(idx_c, s4), eighth);
+            __m512 s = DT == Q4 ? _mm512_castps256_ps512(_mm256_loadu_ps(sx[n])) /* d0, c0, .. d3, c3 */
+                                : _mm512_castps128_ps512(_mm_loadu_ps(sx[n]));  /* d0, c0, d1, c1 */
+            xsv[n] = _mm512_permutexvar_ps(idx_d, s);
+            cv[n] = _mm512_mul_ps(_mm512_permutexvar_ps(idx_c, s), per_lane);
         }
         for (int r = 0; r < R; r++) {
             _mm_prefetch((const char *)wr[r] + PREFETCH, _MM_HINT_T0);
             __m512 wsv;
             if (FAST_WS) {
-                int32_t two;
-                memcpy(&two, sr[r], 4);
-                sr[r] += 4;
-                __m512i v = _mm512_set1_epi32(two);
-                wsv = _mm512_castsi512_ps(_mm512_mask_blend_epi32((__mmask16)0xFF00, _mm512_slli_epi32(v, 16),
-                                                                  _mm512_and_si512(v, hi16)));
+                __m128i s;
+                if (DT == Q4) {
+                    s = _mm_loadl_epi64((const __m128i *)sr[r]);
+                } else {
+                    int32_t two;
+                    memcpy(&two, sr[r], 4);
+                    s = _mm_cvtsi32_si128(two);
+                }
+                sr[r] += 2 * STEP;
+                wsv = _mm512_castsi512_ps(
+                    _mm512_maskz_permutexvar_epi16((__mmask32)0xAAAAAAAAu, idx_w, _mm512_castsi128_si512(s)));
             } else {
-                wsv = _mm512_mask_blend_ps((__mmask16)0xFF00, _mm512_set1_ps(load1(sr[r], i / G, sdt)),
-                                           _mm512_set1_ps(load1(sr[r], (i + QBLOCK) / G, sdt)));
+                float t[4] = {0};
+                for (int k = 0; k < STEP; k++) t[k] = load1(sr[r], (i + k * QBLOCK) / G, sdt);
+                wsv = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_loadu_ps(t)));
             }
-            __m512i u;
-            if (DT == Q8) {
-                u = _mm512_loadu_si512((const void *)wr[r]);
-            } else {
-                __m256i v = _mm256_loadu_si256((const __m256i *)wr[r]);
-                __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                u = _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), perm, _mm512_castsi256_si512(hi));
-            }
-            wr[r] += wstep;
+            const __m512i v = _mm512_loadu_si512((const void *)wr[r]);
+            wr[r] += 64;
+            const __m512i lo = DT == Q4 ? _mm512_and_si512(v, m4) : v;
+            const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4); /* 4-bit only */
             for (int n = 0; n < N; n++) {
-                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, _mm512_loadu_si512((const void *)xr[n]));
+                __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512((const void *)xr[n]));
+                if (DT == Q4) d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512((const void *)(xr[n] + 64)));
                 __m512 t = _mm512_fmsub_ps(_mm512_cvtepi32_ps(d), xsv[n], cv[n]);
                 acc[r * N + n] = _mm512_fmadd_ps(t, wsv, acc[r * N + n]);
             }
         }
         for (int n = 0; n < N; n++) {
-            xr[n] += 2 * QBLOCK;
-            sx[n] += 4;
+            xr[n] += STEP * QBLOCK;
+            sx[n] += 2 * STEP;
         }
     }
-    done = I2;
-    }
     float tail[8] = {0};
-    if (done < I) qblock(m, o, done, I, xq, xs, R, N, tail);
+    if (IS < I) qblock(m, o, IS, I, xq, xs, R, N, tail);
     for (int k = 0; k < R * N; k++) res[k] = _mm512_reduce_add_ps(acc[k]) + tail[k];
 }
 /* qblock512 specialised on the weight format: 8- or 4-bit, bf16 scales of group 32 (one 32-bit load per two
