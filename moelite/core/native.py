@@ -79,7 +79,8 @@ def cpu_flags() -> tuple[str, ...]:
     return ()
 
 
-def scratch(key, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def _buffer(key, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's whole buffer `key` of `dtype`, grown to at least `numel` elements."""
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}
@@ -87,20 +88,17 @@ def scratch(key, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor
     if buf is None or buf.numel() < numel:
         with torch.inference_mode(False):  # a normal tensor: usable in and out of inference mode
             buf = bufs[(key, dtype)] = torch.empty(numel, dtype=dtype)
-    return buf[:numel]
+    return buf
+
+
+def scratch(key, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return _buffer(key, numel, dtype)[:numel]
 
 
 def _work(key: str, nbytes: int) -> int:
     """The address of this thread's scratch bytes `key` (at least `nbytes`): `scratch` without the slice, for the
     kernels' work space (a slice costs about a microsecond, as much as a small kernel's whole call)."""
-    bufs = getattr(_scratch, "work", None)
-    if bufs is None:
-        bufs = _scratch.work = {}
-    buf = bufs.get(key)
-    if buf is None or buf.numel() < nbytes:
-        with torch.inference_mode(False):
-            buf = bufs[key] = torch.empty(nbytes, dtype=torch.uint8)
-    return buf.data_ptr()
+    return _buffer(key, nbytes, torch.uint8).data_ptr()
 
 
 def _compiler() -> str | None:

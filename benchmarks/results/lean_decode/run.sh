@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Lean decode + the 512-bit quantized kernel: roofline (every expert resident, batch 1) of the three real-shape
 # checkpoints, and the demo model against commit f284902 interleaved. About 8 minutes.
-# Usage: bash benchmarks/results/lean_decode/run.sh [/tmp/rs8]   (checkpoints as in benchmarks/results/cpu_avx512/run.sh;
+# Usage: bash benchmarks/results/lean_decode/run.sh [/tmp/rs8 [OUT]]   (results into OUT, default this folder;
+# checkpoints as in benchmarks/results/cpu_avx512/run.sh;
 # the f284902 checkout at /tmp/moelite-f284902: git worktree add /tmp/moelite-f284902 f284902)
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
-repo=$(cd "$here/../../.." && pwd)
+repo=$(cd "$(dirname "$0")/../../.." && pwd)
 rs8=${1:-/tmp/rs8}
+here=$(cd "${2:-$(dirname "$0")}" && pwd)
 grep -m1 '^flags' /proc/cpuinfo | tr ' ' '\n' | grep -E '^(avx2|fma|f16c|avx512f|avx512bw|avx512vl|avx512_bf16|avx512_vnni|avx_vnni)$' \
   | tr '\n' ' ' > "$here/cpu_flags.txt"
 git -C "$repo" rev-parse --short HEAD > "$here/commit.txt"
