@@ -112,3 +112,22 @@ def test_coalesced_reads_fill_slots_with_the_checkpoint_bytes(tiny):
     with safe_open(str(t.gate.file), "pt") as f:
         want = torch.cat([f.get_tensor(p.name).reshape(-1) for p in t.parts])
     assert torch.equal(buf, want)
+
+
+def test_hybrid_on_the_cpu_loads_every_miss_a_free_slot_can_take(tiny):
+    """A direct miss on the CPU reads the same bytes from the same disk as a load and leaves nothing cached: while
+    free slots remain, the hybrid split loads; only misses that would evict are split by cost (SMoE Algorithm 2)."""
+    eng = moelite.load(tiny("qwen2_moe", **CFG), expert_budget="50%", miss_policy="hybrid", io_threads=2)
+    m = eng.manager
+    layer = m.pool.layout.layers[0]
+    for _ in range(10):  # direct measured as much cheaper than load: the balance alone would compute most directly
+        m.cost_load.add(1.0)
+        m.cost_direct.add(0.01)
+    missing = [0, 1, 2, 3]
+    free = len(m.cache.free[layer])
+    assert free >= len(missing)
+    assert m.split_misses(layer, missing, None) == (missing, [])
+    taken = [m.cache.free[layer].pop() for _ in range(free - 1)]  # one free slot left
+    load, direct = m.split_misses(layer, missing, None)
+    assert load == [0] and direct == [1, 2, 3]
+    m.cache.free[layer].extend(taken)

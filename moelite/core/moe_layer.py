@@ -646,7 +646,10 @@ class ExpertManager:
     def split_misses(self, layer: int, missing: list[int], probs: torch.Tensor | None) -> tuple[list[int], list[int]]:
         """(to load into the cache, to compute directly) per miss_policy; "hybrid": the highest-scoring misses go
         to the cache (likely reused), the low end is computed directly, balancing n_load * C_load against
-        n_direct * C_direct (SMoE Algorithm 2) with the measured running costs."""
+        n_direct * C_direct (SMoE Algorithm 2) with the measured running costs. On the CPU a miss that a free slot
+        can take is always loaded: there a direct miss reads the same bytes from the same disk, so it saves
+        nothing, and its expert would be read again at its next use (on CUDA it runs on another resource, the
+        CPU, and spares a copy over PCIe)."""
         policy = self.options.miss_policy
         if not missing or policy == "load":
             return missing, []
@@ -657,8 +660,9 @@ class ExpertManager:
             missing = sorted(missing, key=lambda e: -float(score[e]))
         c_load = self.cost_load.value(1.0)
         c_direct = self.cost_direct.value(1.0)
-        lo, hi = 0, len(missing)
-        t_load = t_direct = 0.0
+        free = len(self.cache.free[layer]) if self.pool.device.type == "cpu" else 0
+        lo, hi = min(free, len(missing)), len(missing)
+        t_load, t_direct = lo * c_load, 0.0
         while lo < hi:
             if t_load + c_load <= t_direct + c_direct:
                 t_load += c_load
