@@ -105,6 +105,9 @@ class EngineConfig:
     warm_start: bool = False
     # drop file pages after each expert read so the OS page cache is no hidden second cache
     drop_page_cache: bool = True
+    # with drop_page_cache: read experts with O_DIRECT (no page cache at all; each expert split over 4 streams)
+    # where the file system allows it; False reads through the page cache and drops the pages after
+    direct_io: bool = True
     # check every expert read against the checksum recorded for it at the checkpoint's first load (a manifest in
     # $MOELITE_CACHE_DIR/manifests; the first load reads every expert once to record it): a damaged or changed
     # expert fails its request with an integrity error instead of producing output (moelite.core.integrity)

@@ -206,7 +206,8 @@ class Engine:
         self.pool = SlotPool(layout, n_slots, sdtype, self.device)
         if self.device.type == "cpu":
             self.pool.buffer.zero_()  # touch every page now: memory that is not there fails here, not mid-request
-        self.reader = ExpertReader(layout, self.pool, drop_page_cache=cfg.drop_page_cache)
+        self.reader = ExpertReader(layout, self.pool, drop_page_cache=cfg.drop_page_cache,
+                                   direct_io=cfg.direct_io)
         policy = make_policy(cfg.cache_policy, cfg.score_window)
         cache = ExpertCache(n_slots, self.pool.slot_bytes, policy, layout.layers, cfg.cache_scope)
         loader = Loader(self.reader, cfg.io_threads) if cfg.io_threads > 0 else None

@@ -43,6 +43,8 @@ _HELP = {
     "cache_scope": "one pool for all layers (global) or an equal share per layer (layer)",
     "warm_start": "fill the cache in layer order at load (an 'auto' budget that holds every expert always does)",
     "drop_page_cache": "drop file pages after each expert read (honest budget)",
+    "direct_io": "read experts with O_DIRECT, past the OS page cache, where the file system allows it (with "
+                 "drop_page_cache)",
     "verify_checksums": "check every expert read against the checksums recorded at the checkpoint's first load "
                         "(an integrity error instead of garbage output; see `moelite verify`)",
     "allow_pickle": "accept .bin/.pt pickle weights (can run code: only for trusted files)",

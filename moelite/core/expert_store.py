@@ -42,6 +42,7 @@ import xxhash
 
 from moelite.core.checkpoint import HEADER_NAMES, Checkpoint, CheckpointError, TensorInfo
 from moelite.core.counters import Counters
+from moelite.core.direct_io import DirectIO
 from moelite.core.quant import QuantSpec, QWeight
 
 Key = tuple[int, int]  # (layer index, expert index)
@@ -303,6 +304,14 @@ def preadv_all(fd: int, views: memoryview | list[memoryview], offset: int) -> No
         offset += n
 
 
+def _pread_retried(fd: int, view: memoryview, offset: int) -> None:
+    """`preadv_all`, once more after an OSError (a transient EIO, EINTR on a network file system)."""
+    try:
+        preadv_all(fd, view, offset)
+    except OSError:
+        preadv_all(fd, view, offset)
+
+
 def read_plan(parts) -> list[tuple]:
     """Coalesce an expert's parts [(file, offset, nbytes), ...] (in slot order) into one read per contiguous file
     range: [(file, offset, nbytes, ((slot byte position, nbytes), ...)), ...]. Checkpoints store an expert's
@@ -340,11 +349,15 @@ class ExpertReader:
     """Positional reads of expert bytes into slots (or into a caller's staging buffer)."""
 
     def __init__(self, layout: ExpertLayout, pool: SlotPool, drop_page_cache: bool = True,
-                 counters: Counters | None = None):
+                 counters: Counters | None = None, direct_io: bool = True):
         self.layout, self.pool = layout, pool
         self.counters = counters if counters is not None else Counters()
         self.drop_page_cache = drop_page_cache and hasattr(os, "posix_fadvise")
         self._fds: dict[Path, int] = {}
+        # O_DIRECT reads (moelite.core.direct_io): only where pages are dropped anyway; per file, None where the
+        # file system refuses O_DIRECT (those files are read through the page cache)
+        self.dio = DirectIO() if direct_io and drop_page_cache and hasattr(os, "O_DIRECT") else None
+        self._dio_fds: dict[Path, tuple[int, int] | None] = {}
         self._lock = threading.Lock()
         disk, dev = layout.disk_dtype, pool.device
         self.direct = pool.dtype == disk and dev.type == "cpu"
@@ -433,12 +446,40 @@ class ExpertReader:
         self._read(key, self._plan(key), memoryview(dest.view(torch.uint8).numpy()), h)
         return h.intdigest()
 
+    def _dio_fd(self, path: Path) -> tuple[int, int] | None:
+        """(O_DIRECT descriptor, file size) of `path`, or None where O_DIRECT is off or refused."""
+        if self.dio is None:
+            return None
+        if path not in self._dio_fds:
+            with self._lock:
+                if path not in self._dio_fds:
+                    fd = self.dio.open(path)
+                    self._dio_fds[path] = None if fd is None else (fd, os.fstat(fd).st_size)
+        return self._dio_fds[path]
+
     def _read(self, key: Key, plan: list[tuple], raw: memoryview, h=None) -> tuple[int, float]:
-        """One pass of positional reads of `plan` into `raw`, READ_CHUNK bytes at a time, each retried once on an
-        OSError, each fed to the hash `h` (if any) as it lands; returns (bytes read, seconds hashing)."""
+        """One pass of positional reads of `plan` into `raw`: with O_DIRECT (`direct_io`), each range split over
+        a few threads and hashed once it is complete; otherwise READ_CHUNK bytes at a time, each fed to the hash
+        `h` (if any) as it lands. Every positional read is retried once on an OSError. Returns (bytes read,
+        seconds hashing)."""
         pos, hashing = 0, 0.0
         for path, offset, nbytes, segs in plan:
             fd = self._fd(path)
+            direct = self._dio_fd(path)
+            if direct is not None:
+                try:
+                    self.dio.read(direct[0], fd, offset, nbytes, segs, raw, direct[1], _pread_retried)
+                except OSError as exc:
+                    raise self._read_error(key, path, offset, nbytes, exc) from exc
+                if h is not None:
+                    t = time.perf_counter()
+                    for dp, n in segs:  # file order
+                        h.update(raw[dp:dp + n])
+                    hashing += time.perf_counter() - t
+                if direct[1] - direct[1] % 4096 < offset + nbytes:  # its tail went through the page cache
+                    os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+                pos += nbytes
+                continue
             if self.drop_page_cache:  # the whole range read ahead at once, and nothing past it (see _fd)
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_WILLNEED)
             at = offset
@@ -446,20 +487,9 @@ class ExpertReader:
                 for start in range(dp, dp + n, READ_CHUNK):
                     view = raw[start: min(start + READ_CHUNK, dp + n)]
                     try:
-                        try:
-                            preadv_all(fd, view, at)
-                        except OSError:  # a transient error (EIO, EINTR on a network file system): one more try
-                            preadv_all(fd, view, at)
+                        _pread_retried(fd, view, at)
                     except OSError as exc:
-                        names = ", ".join(p.name for p in self.layout.experts[key].parts)
-                        err = ExpertReadError(
-                            f"expert {key[1]} of layer {key[0]}: reading {nbytes} bytes of {names} from "
-                            f"{path.name!r} at offset {offset} failed twice ({exc}); the file is truncated, damaged "
-                            "or unreadable: restore it (the engine recovers once it reads correctly)")
-                        with self._lock:
-                            self.failing[key] = str(err)
-                            self.counters.read_errors += 1
-                        raise err from exc
+                        raise self._read_error(key, path, offset, nbytes, exc) from exc
                     if h is not None:
                         t = time.perf_counter()
                         h.update(view)
@@ -469,6 +499,18 @@ class ExpertReader:
                 os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
             pos += nbytes
         return pos, hashing
+
+    def _read_error(self, key: Key, path: Path, offset: int, nbytes: int, exc: OSError) -> ExpertReadError:
+        """Record and return the error of a read of expert `key` that failed twice."""
+        names = ", ".join(p.name for p in self.layout.experts[key].parts)
+        err = ExpertReadError(
+            f"expert {key[1]} of layer {key[0]}: reading {nbytes} bytes of {names} from {path.name!r} at offset "
+            f"{offset} failed twice ({exc}); the file is truncated, damaged or unreadable: restore it (the engine "
+            "recovers once it reads correctly)")
+        with self._lock:
+            self.failing[key] = str(err)
+            self.counters.read_errors += 1
+        return err
 
     def _integrity_failure(self, key: Key) -> None:
         err = ExpertIntegrityError(mismatch_message(self.layout, key, self.model_name), [key])
@@ -517,12 +559,13 @@ class ExpertReader:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *(d[0] for d in self._dio_fds.values() if d is not None)]:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
             self._fds.clear()
+            self._dio_fds.clear()
 
     def __del__(self):
         self.close()
