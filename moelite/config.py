@@ -120,7 +120,8 @@ class EngineConfig:
     prefetch: bool = False
     # how many of the next layer's predicted experts to prefetch, highest predicted score first (0 = half of top-k)
     prefetch_experts: int = 0
-    # background I/O threads reading experts (0 = read on the compute thread)
+    # background I/O threads reading experts (0 = read on the compute thread; on the CPU, experts of at most 256 KiB
+    # are always read there: a handoff to a thread costs more than their read, moelite.core.loader)
     io_threads: int = 2
     # a miss goes into the cache ("load"), is computed from a read buffer without caching ("direct"),
     # or is split between both by score and measured cost ("hybrid", SMoE Algorithm 2)

@@ -50,7 +50,7 @@ from moelite.core.graph_decode import StaticDecoder, bucket
 from moelite.core.host_tier import HostTier
 from moelite.core.integrity import checksums_for
 from moelite.core.memory import auto_budget, available_memory, resident_note
-from moelite.core.loader import Loader
+from moelite.core.loader import Loader, background_io
 from moelite.core.model import build_model
 from moelite.core import lean_decode
 from moelite.core.counters import Snapshot
@@ -210,7 +210,8 @@ class Engine:
                                    direct_io=cfg.direct_io)
         policy = make_policy(cfg.cache_policy, cfg.score_window)
         cache = ExpertCache(n_slots, self.pool.slot_bytes, policy, layout.layers, cfg.cache_scope)
-        loader = Loader(self.reader, cfg.io_threads) if cfg.io_threads > 0 else None
+        loader = Loader(self.reader, cfg.io_threads) \
+            if background_io(self.device.type, layout.disk_bytes, cfg.io_threads) else None
         self.manager = ExpertManager(self.pool, cache, self.reader, ManagerOptions.from_config(cfg, layout.layers),
                                      loader=loader, hook=cache_router)
         # the score window sees every decode step's gate scores; a budget that holds every expert never evicts, so

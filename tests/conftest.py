@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moelite.core import loader
 from moelite.tiny import ARCHS, make_tiny_checkpoint
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -24,6 +25,14 @@ def user_cache_untouched(tmp_path_factory):
         del os.environ["MOELITE_CACHE_DIR"]
     else:
         os.environ["MOELITE_CACHE_DIR"] = old
+
+
+@pytest.fixture(autouse=True)
+def background_reads_for_tiny_experts(monkeypatch):
+    """The tiny checkpoints' experts would be read on the compute thread (core/loader.py INLINE_READ_BYTES): in
+    this process the tests get the I/O threads they ask for, so the loader's paths stay covered
+    (test_loader.py checks the inline rule itself)."""
+    monkeypatch.setattr(loader, "INLINE_READ_BYTES", 0)
 
 
 @pytest.fixture(scope="session")

@@ -131,3 +131,20 @@ def test_hybrid_on_the_cpu_loads_every_miss_a_free_slot_can_take(tiny):
     load, direct = m.split_misses(layer, missing, None)
     assert load == [0] and direct == [1, 2, 3]
     m.cache.free[layer].extend(taken)
+
+
+def test_small_experts_are_read_on_the_compute_thread(tiny, exact_tokens, monkeypatch):
+    """On the CPU, experts of at most INLINE_READ_BYTES skip the I/O threads (a handoff costs more than their read);
+    larger ones, or io_threads=0, behave as configured. Tokens stay exact either way."""
+    from moelite.core import loader
+
+    path = tiny("qwen2_moe", **CFG)
+    monkeypatch.setattr(loader, "INLINE_READ_BYTES", 256 << 10)
+    eng = moelite.load(path, expert_budget="25%", io_threads=2)
+    assert eng.pool.slot_bytes <= 256 << 10 and eng.manager.loader is None
+    eng.eos_ids = set()
+    assert eng.generate([5, 9, 14, 20], max_tokens=16, temperature=0).token_ids == exact_tokens
+    assert eng.stats()["expert_misses"] > 0
+    monkeypatch.setattr(loader, "INLINE_READ_BYTES", eng.pool.slot_bytes - 1)
+    assert moelite.load(path, expert_budget="25%", io_threads=2).manager.loader is not None
+    assert moelite.load(path, expert_budget="25%", io_threads=0).manager.loader is None

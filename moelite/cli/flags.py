@@ -51,7 +51,8 @@ _HELP = {
     "score_window": "decode iterations the score policy averages over",
     "prefetch": "prefetch the next layer's predicted experts",
     "prefetch_experts": "experts of the next layer to prefetch, highest predicted score first (0 = half of top-k)",
-    "io_threads": "background threads reading experts (0 = read on the compute thread)",
+    "io_threads": "background threads reading experts (0 = read on the compute thread; CPU experts of at most 256 "
+                  "KiB always are)",
     "miss_policy": "a miss goes into the cache (load), is computed from a read buffer (direct), or either by "
                    "score and cost (hybrid, SMoE)",
     "substitution_alpha": "SMoE substitution threshold in [0, 1) (0 = exact)",

@@ -64,6 +64,8 @@ from moelite.core.loader import Loader, timed_read
 Key = tuple[int, int]
 #: largest total slot bytes that `ExpertManager.grouped_forward` gathers (a copy); above it, experts run one by one
 GROUPED_MAX_BYTES = 8 << 20
+#: largest slot (bytes) whose loaded misses `_compute_landed` computes in one call once they all landed
+BATCH_LANDED_BYTES = 1 << 20
 #: most tokens a layer pass may hold to take the all-resident lane (`ExpertManager._run_resident`): decode sizes
 RESIDENT_LANE_TOKENS = 8
 class RunningCost:
@@ -596,9 +598,23 @@ class ExpertManager:
             self.cost_direct.add(time.perf_counter() - t0)
 
     def _compute_landed(self, layer: int, lp: _LayerPass, waiting: list, queue: deque, done: deque) -> None:
-        """Loaded misses (and reads in flight), each as its bytes land; reads still queued start as slots free."""
+        """Loaded misses (and reads in flight); reads still queued start as slots free. Large experts are computed
+        each as its bytes land (the next reads run meanwhile). Small ones (slots of at most BATCH_LANDED_BYTES,
+        with the one-call kernel, decode-sized passes) are computed together in one call once they landed: their
+        reads take less than a call of their own. Either way the grouping depends on the configuration only, never on I/O timing."""
+        batch = self.kernel is not None and self.pool.slot_bytes <= BATCH_LANDED_BYTES \
+            and lp.x.shape[0] <= RESIDENT_LANE_TOKENS
+        landed: list[tuple[int, int]] = []  # (expert, slot) read, not computed yet
+
+        def compute_landed():
+            landed.sort()  # in the layer's expert order, as the resident ones
+            done.extend(self._compute_resident(lp, landed))
+            landed.clear()
+
         while waiting or queue:
             if not waiting:  # no slot free: lift the shield of a computed expert, else let a read land
+                if landed:
+                    compute_landed()
                 if done:
                     self.cache.unpin(done.popleft())
                 else:
@@ -607,9 +623,14 @@ class ExpertManager:
                 continue
             e = waiting.pop(0)
             slot = self.wait_read((layer, e))
-            self._compute(lp, self.pool.gate_up(slot), self.pool.down(slot), e)
-            done.append(slot)
+            if batch:
+                landed.append((e, slot))
+            else:
+                self._compute(lp, self.pool.gate_up(slot), self.pool.down(slot), e)
+                done.append(slot)
             self._fill(layer, queue, waiting)
+        if landed:
+            compute_landed()
 
     # ---- counting (shared with the CUDA path) ----------------------------------------------------------------
     @staticmethod
