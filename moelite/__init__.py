@@ -1,7 +1,7 @@
 """moelite: run Mixture-of-Experts LLMs with routed experts offloaded under a memory budget.
 
     import moelite
-    engine = moelite.load("path/to/hf-moe-checkpoint", device="cpu", expert_budget="25%")
+    engine = moelite.load("path/to/hf-moe-checkpoint", device="cpu", expert_budget="25%")  # default: "auto"
     print(engine.generate("ROMEO:", max_tokens=32).text)
 
 The public names (`load`, `Engine`, `EngineConfig`, `Generation`, `CheckpointError`) are resolved on first use

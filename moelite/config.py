@@ -87,9 +87,10 @@ class EngineConfig:
     """Everything `moelite.load` accepts besides the model path."""
 
     device: str = "cpu"
-    # "25%" of the routed experts, bytes, "2GiB", or "auto": the memory this process may use (cgroup limit, else
-    # available RAM; free VRAM on CUDA) minus dense weights, KV cache and headroom (moelite.core.memory)
-    expert_budget: str | int | float = "25%"
+    # "auto" (default): the memory this process may use (cgroup limit, else available RAM; free VRAM on CUDA) minus
+    # dense weights, KV cache and headroom (moelite.core.memory), as llama.cpp's page cache fills what there is;
+    # or a share of the routed experts ("25%"), bytes, "2GiB"
+    expert_budget: str | int | float = "auto"
     cache_policy: str = "lru"
     # dtype of expert slots; "auto" = the checkpoint's (bf16/fp16 stay 16-bit: twice the experts per budget, misses
     # read straight into the slot; CPU kernels compute in float32 from them)

@@ -1,7 +1,7 @@
 """The engine: the Python API that the CLI and the server wrap.
 
 Contract:
-  - `moelite.load(path=None, device="cpu", expert_budget="25%", **config)` -> `Engine`; `path=None` is the
+  - `moelite.load(path=None, device="cpu", expert_budget="auto", **config)` -> `Engine`; `path=None` is the
     embedded demo model. The budget is the total size of the routed-expert slots; it is fixed at load and never
     exceeded. A budget below one layer's top-k experts (or, on CUDA, that does not fit the free GPU memory beside
     the dense weights) is refused with the numbers.
@@ -571,7 +571,7 @@ class Engine:
         self.reader.close()
 
 
-def load(path: str | Path | None = None, device: str = "cpu", expert_budget: str | int | float = "25%",
+def load(path: str | Path | None = None, device: str = "cpu", expert_budget: str | int | float = "auto",
          progress: bool = False, **config) -> Engine:
     """Load a Hugging Face MoE checkpoint folder with routed experts offloaded under `expert_budget`."""
     unknown = set(config) - set(EngineConfig.__dataclass_fields__)

@@ -105,3 +105,15 @@ def test_budget_beyond_every_expert_reports_what_it_holds(tiny):
     total = eng.layout.total_bytes if hasattr(eng.layout, "total_bytes") else eng.pool.n_slots * eng.pool.slot_bytes
     assert eng.pool.n_slots == len(eng.layout.experts)
     assert eng.stats()["expert_budget_bytes"] == total < (40 << 30)
+
+
+def test_the_default_budget_is_auto_and_a_model_that_fits_is_resident_from_load(tiny):
+    """Without a budget moelite takes what this machine has room for (as llama.cpp's page cache does): a model that
+    fits is read whole at load, and decoding reads nothing more."""
+    eng = moelite.load(tiny("qwen2_moe", num_experts=16, num_experts_per_tok=4))
+    s = eng.stats()
+    assert eng.config.expert_budget == "auto" and s["expert_slots"] == len(eng.layout.experts)
+    assert s["resident_expert_bytes"] == s["routed_expert_bytes"]
+    before = s["expert_bytes_read"]
+    eng.generate([5, 9, 14], max_tokens=4, temperature=0)
+    assert eng.stats()["expert_misses"] == 0 and eng.stats()["expert_bytes_read"] == before
