@@ -546,6 +546,8 @@ class Engine:
             "dense_dtype": str(max(self.model.parameters(), key=torch.Tensor.numel).dtype).removeprefix("torch."),
             "dense_bytes": self.dense_bytes,
             "verify_checksums": self.reader.checksums is not None,
+            "expert_reads_path": self.reader.read_path(),
+            "expert_reads_background": self.manager.loader is not None,
             **self.counters().report(),
             "requests": self.requests,
             **self._cuda_stats(),

@@ -79,4 +79,5 @@ def test_engine_tokens_and_bytes_read_equal_with_and_without_direct_io(tiny, dty
         eng.eos_ids = set()
         toks = eng.generate([5, 9, 14, 20], max_tokens=12, temperature=0).token_ids
         out.append((toks, eng.stats()["expert_bytes_read"], eng.stats()["expert_integrity_errors"]))
+        assert eng.stats()["expert_reads_path"] == ("o_direct" if direct else "page cache, dropped")
     assert out[0] == out[1] and out[0][1] > 0 and out[0][2] == 0

@@ -446,6 +446,13 @@ class ExpertReader:
         self._read(key, self._plan(key), memoryview(dest.view(torch.uint8).numpy()), h)
         return h.intdigest()
 
+    def read_path(self) -> str:
+        """How expert bytes reach the slots: "o_direct", "page cache, dropped" (drop_page_cache without O_DIRECT,
+        or a file system that refuses it) or "page cache" (kept: a second cache the budget does not count)."""
+        if self.dio is not None and all(d is not None for d in self._dio_fds.values()):
+            return "o_direct"
+        return "page cache, dropped" if self.drop_page_cache else "page cache"
+
     def _dio_fd(self, path: Path) -> tuple[int, int] | None:
         """(O_DIRECT descriptor, file size) of `path`, or None where O_DIRECT is off or refused."""
         if self.dio is None:
