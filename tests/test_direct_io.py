@@ -41,7 +41,8 @@ def test_direct_read_places_every_byte(tmp_path, monkeypatch, offset, segs, chun
     if fdd is None:
         pytest.skip("this file system refuses O_DIRECT")
     fd = os.open(path, os.O_RDONLY)
-    dio.read(fdd, fd, offset, nbytes, segs, raw, size, expert_store.preadv_all)
+    cached = dio.read(fdd, fd, offset, nbytes, segs, raw, size, expert_store.preadv_all)
+    assert cached == (offset + nbytes > size - size % direct_io.BLOCK)  # its part past the last whole block
     at = offset
     for dp, n in segs:  # segs are in file order
         assert bytes(raw[dp:dp + n]) == data[at:at + n]

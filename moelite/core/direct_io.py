@@ -4,8 +4,9 @@ Why. Reading through the page cache under a memory cap costs twice: every page i
 cgroup (which must first reclaim others when it is full) and copied out by the kernel, then dropped again
 (`drop_page_cache`). With O_DIRECT the device writes into an aligned bounce buffer and only the copy into the slot
 remains. One O_DIRECT stream is slower than the page cache's own readahead, so a range is split into `streams`
-parts read at once: on the 2-core EPYC VM of the benchmarks (virtio disk), a 9.4 MB expert took 6.6 ms cold with 4
-streams of 1 MiB reads against 8.3-10 ms through the page cache (benchmarks/read_latency.py).
+parts read at once: on the 2-core EPYC VM of the benchmarks (virtio disk), a 9.4 MB expert took 8.90 ms cold with
+4 streams of 1 MiB reads against 10.77 ms through the page cache (medians of 120, benchmarks/read_latency.py,
+benchmarks/results/odirect/).
 
 Contract:
   - `DirectIO(streams)`; `open(path)` -> an O_DIRECT descriptor, or None where the file system refuses O_DIRECT
@@ -14,7 +15,8 @@ Contract:
     offset + nbytes) into the writable buffer `raw` at the positions `segs` ((slot position, bytes), ... in file
     order, as `expert_store.read_plan` gives them). Whole BLOCK-aligned blocks are read with O_DIRECT in CHUNK
     pieces into per-thread bounce buffers (page-aligned anonymous memory, allocated once per thread) and copied
-    out; the part of the range past the file's last whole block is read through `fd` (the page cache). `pread(fd,
+    out; the part of the range past the file's last whole block is read through `fd` (the page cache), and `read`
+    returns whether there was such a part (the caller drops its pages). `pread(fd,
     view, offset)` is the positional read used for every piece (expert_store.preadv_all, so the reader's retry and
     fault injection apply); an OSError of any part is raised after all parts stopped. Parts run on a pool of
     helper threads shared by all callers (never waiting on each other, so callers from several threads cannot
@@ -70,7 +72,7 @@ class DirectIO:
         return self._helpers
 
     def read(self, fd_direct: int, fd: int, offset: int, nbytes: int, segs, raw: memoryview, file_size: int,
-             pread) -> None:
+             pread) -> bool:
         end = offset + nbytes
         base = ctypes.addressof(ctypes.c_char.from_buffer(raw))
         runs, r = [], offset  # (file start, file end, slot position) of each seg
@@ -80,13 +82,14 @@ class DirectIO:
         a0 = offset - offset % BLOCK
         a1 = min(-(-end // BLOCK) * BLOCK, file_size - file_size % BLOCK)  # whole blocks only
         tail = max(a1, offset)
-        if tail < end:  # past the file's last whole block: through the page cache
+        cached = tail < end  # a part past the file's last whole block: read through the page cache
+        if cached:
             buf = bytearray(end - tail)
             pread(fd, memoryview(buf), tail)
             src = ctypes.addressof(ctypes.c_char.from_buffer(buf))
             self._copy(runs, tail, end, src, base)
         if a1 <= a0:
-            return
+            return cached
         chunks = -(-(a1 - a0) // CHUNK)
         parts = min(self.streams, chunks)
         per = -(-chunks // parts) * CHUNK
@@ -105,6 +108,7 @@ class DirectIO:
                 error = error or exc
         if error is not None:
             raise error
+        return cached
 
     def _part(self, fd_direct: int, lo: int, hi: int, runs, base: int, pread) -> None:
         _, view, addr = self._bounce()

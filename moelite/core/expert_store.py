@@ -448,7 +448,8 @@ class ExpertReader:
 
     def read_path(self) -> str:
         """How expert bytes reach the slots: "o_direct", "page cache, dropped" (drop_page_cache without O_DIRECT,
-        or a file system that refuses it) or "page cache" (kept: a second cache the budget does not count)."""
+        or a file system that refuses it) or "page cache" (kept: a second cache the budget does not count). Whether a
+        file system refuses O_DIRECT is known from its first read on: before any read this says what is asked for."""
         if self.dio is not None and all(d is not None for d in self._dio_fds.values()):
             return "o_direct"
         return "page cache, dropped" if self.drop_page_cache else "page cache"
@@ -475,7 +476,7 @@ class ExpertReader:
             direct = self._dio_fd(path)
             if direct is not None:
                 try:
-                    self.dio.read(direct[0], fd, offset, nbytes, segs, raw, direct[1], _pread_retried)
+                    tail_cached = self.dio.read(direct[0], fd, offset, nbytes, segs, raw, direct[1], _pread_retried)
                 except OSError as exc:
                     raise self._read_error(key, path, offset, nbytes, exc) from exc
                 if h is not None:
@@ -483,7 +484,7 @@ class ExpertReader:
                     for dp, n in segs:  # file order
                         h.update(raw[dp:dp + n])
                     hashing += time.perf_counter() - t
-                if direct[1] - direct[1] % 4096 < offset + nbytes:  # its tail went through the page cache
+                if tail_cached:  # its part past the file's last whole block went through the page cache
                     os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
                 pos += nbytes
                 continue
